@@ -1,1 +1,1 @@
-"""cli layer."""
+"""Command-line interface (thin over the library)."""

@@ -1,0 +1,162 @@
+"""The `anyclass` command: parses, calls the library, prints. No logic of its own."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from ..errors import AnyclassError
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _hparams(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs or []:
+        k, sep, v = p.partition("=")
+        if not sep:
+            raise AnyclassError(f"--hparam expects KEY=VALUE, got {p!r}")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cmd_classify(a) -> int:
+    from ..backbones.factory import create_backbone
+    from ..data.classnames import parse_classes, read_classes_file
+    from ..eval.classify import classify, expand_inputs
+    if bool(a.classes) == bool(a.classes_file):
+        raise AnyclassError("give the class names with exactly one of --classes or --classes-file")
+    classes = read_classes_file(a.classes_file) if a.classes_file else parse_classes(a.classes)
+    paths = expand_inputs(a.images)
+    if not paths:
+        raise AnyclassError("no images given")
+    rows = classify(paths, classes, create_backbone(a.backbone, a.device), a.templates, a.top_k)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            tops = ", ".join(f"{t['class']} {t['score']:.3f}" for t in r["top"])
+            print(f"{r['image']}: {tops}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from ..eval.runner import EvalConfig, run_eval, write_json
+    cfg = EvalConfig(dataset=a.dataset, backbone=a.backbone, method=a.method,
+                     templates=a.templates, cupl=a.cupl, cupl_mode=a.cupl_mode, shots=a.shots,
+                     seed=a.seed, split=a.split, hparams=_hparams(a.hparam),
+                     batch_size=a.batch_size, num_workers=a.workers, device=a.device)
+    res = run_eval(cfg)
+    m = res["metrics"]
+    print(f"{res['dataset']} {res['method']} shots={res['shots']} seed={res['seed']}: "
+          f"acc1 {100 * m['acc1']:.2f}  acc5 {100 * m['acc5']:.2f}  "
+          f"mean_per_class_recall {100 * m['mean_per_class_recall']:.2f}")
+    if a.out:
+        print(f"wrote {write_json(res, a.out)}")
+    return 0
+
+
+def cmd_world(a) -> int:
+    from ..world.build import describe_tasks, ensure_world
+    from ..world.config import get_config
+    world = ensure_world(get_config(a.config), progress=True)
+    if a.world_cmd == "build":
+        print(f"world ready at {world.root}")
+    else:
+        print("\n".join(describe_tasks(world)))
+    return 0
+
+
+def cmd_report(a) -> int:
+    from ..eval.report import bar_chart, results_table
+    results = [json.loads(Path(p).read_text()) for p in a.results]
+    table = results_table(results, a.metric)
+    print(table)
+    if a.plot:
+        print(f"wrote {bar_chart(results, a.plot, a.metric)}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from ..eval.demo import run_demo
+    print(f"wrote {run_demo(Path(a.out), backbone=a.backbone)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anyclass", description=__doc__.splitlines()[0]
+                                if __doc__ else None)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("classify", help="top-k class names for images or folders of images")
+    c.add_argument("images", nargs="+")
+    c.add_argument("--classes", help='comma-separated class names, e.g. "cat,dog,car"')
+    c.add_argument("--classes-file", help="UTF-8 file, one class name per line")
+    c.add_argument("--backbone", default="builtin")
+    c.add_argument("--templates", default="single")
+    c.add_argument("--top-k", type=int, default=5)
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--device")
+    c.set_defaults(fn=cmd_classify)
+
+    e = sub.add_parser("eval", help="evaluate a method on a dataset, write a result JSON")
+    e.add_argument("--dataset", required=True, help="world:TASK[@colour|@sketch], folder:DIR, "
+                   "csv:FILE, coop:NAME@ROOT")
+    e.add_argument("--method", default="zeroshot")
+    e.add_argument("--backbone", default="builtin")
+    e.add_argument("--templates", default="single",
+                   help="single, ensemble7, openai80, dataset, or a file")
+    e.add_argument("--cupl", help="CuPL descriptions JSON {class: [sentences]}")
+    e.add_argument("--cupl-mode", choices=["plus", "alone"], default="plus")
+    e.add_argument("--shots", type=int, default=0)
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--split", default="test")
+    e.add_argument("--hparam", action="append", metavar="KEY=VALUE")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--workers", type=int, default=None)
+    e.add_argument("--device")
+    e.add_argument("--out", help="result JSON path")
+    e.set_defaults(fn=cmd_eval)
+
+    w = sub.add_parser("world", help="the offline world: build it, list its tasks")
+    wsub = w.add_subparsers(dest="world_cmd", required=True)
+    for name in ("build", "tasks"):
+        x = wsub.add_parser(name)
+        x.add_argument("--config", default=None, help="full or mini (default: $ANYCLASS_WORLD or full)")
+        x.set_defaults(fn=cmd_world)
+
+    r = sub.add_parser("report", help="markdown table (and bar chart) from result JSON files")
+    r.add_argument("results", nargs="+")
+    r.add_argument("--metric", default="acc1")
+    r.add_argument("--plot", help="PNG path for a bar chart")
+    r.set_defaults(fn=cmd_report)
+
+    d = sub.add_parser("demo", help="build the world, classify samples, evaluate every task")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--backbone", default="builtin")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _warning_line
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except AnyclassError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (completed feature chunks are cached; rerun to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

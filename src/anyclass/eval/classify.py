@@ -1,0 +1,47 @@
+"""Classify a user's images into free-form class names (the practitioner's first command)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..backbones.base import VisionLanguageModel
+from ..data.base import LabeledImages
+from ..data.templates import get_templates
+from ..features.extract import extract_features
+from ..methods.classifier import build_text_classifier
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def expand_inputs(items: Sequence[str]) -> list[str]:
+    """Files as given; directories walked recursively (every regular file, so that unreadable
+    ones are reported rather than silently ignored)."""
+    out: list[str] = []
+    for it in items:
+        p = Path(it)
+        if p.is_dir():
+            out += sorted(str(q.resolve()) for q in p.rglob("*") if q.is_file()
+                          and not q.name.startswith("."))
+        else:
+            out.append(str(p.resolve()))
+    return out
+
+
+def classify(paths: Sequence[str], classnames: Sequence[str], backbone: VisionLanguageModel,
+             templates: str = "single", top_k: int = 5, batch_size: int = 64,
+             progress: bool = False) -> list[dict]:
+    """Top-k (class, probability) per readable image; unreadable ones are warned and skipped."""
+    ds = LabeledImages("classify", list(paths), [-1] * len(paths), list(classnames))
+    feats = extract_features(backbone, ds, batch_size=batch_size, cache=False, progress=progress)
+    W = build_text_classifier(backbone, classnames, get_templates(templates))
+    valid = torch.as_tensor(feats.valid, dtype=torch.bool)
+    x = torch.as_tensor(feats.features[...]).float()[valid]
+    probs = (float(backbone.logit_scale) * x.to(W.device) @ W).softmax(dim=-1).cpu()
+    k = min(top_k, len(classnames))
+    top = probs.topk(k, dim=1)
+    kept = [p for p, v in zip(paths, valid.tolist()) if v]
+    return [{"image": p, "top": [{"class": classnames[j], "score": round(float(s), 4)}
+                                 for s, j in zip(sv.tolist(), iv.tolist())]}
+            for p, sv, iv in zip(kept, top.values, top.indices)]

@@ -1,0 +1,49 @@
+"""The estimator contract of feature-level methods (scikit-learn style).
+
+Hyperparameters are keyword arguments of `__init__` and stored unchanged; `fit` returns
+self; learned state lives in attributes ending in `_`; `predict_logits(features)` maps
+L2-normalised image features [N, D] to logits [N, K] in the class order of `text_weights`.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FeatureSet:
+    """Features [N, D] (normalised) with labels [N] (class indices of the task)."""
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class FeatureMethod:
+    #: whether `fit` needs a labelled few-shot train set
+    needs_train: bool = False
+
+    def get_params(self) -> dict:
+        sig = inspect.signature(type(self).__init__)
+        return {p: getattr(self, p) for p in sig.parameters if p != "self"}
+
+    def set_params(self, **params) -> "FeatureMethod":
+        for k, v in params.items():
+            if k not in self.get_params():
+                raise ValueError(f"{type(self).__name__} has no hyperparameter {k!r}")
+            setattr(self, k, v)
+        return self
+
+    def fit(self, text_weights: torch.Tensor, train: FeatureSet | None = None,
+            val: FeatureSet | None = None) -> "FeatureMethod":
+        raise NotImplementedError
+
+    def predict_logits(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
