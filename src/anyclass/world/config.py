@@ -18,6 +18,7 @@ class WorldConfig:
     val_per_class: int
     test_per_class: int
     seed: int = 0
+    max_classes_per_task: int | None = None   # mini: evenly spaced subset of each task
 
     def key(self) -> str:
         import hashlib
@@ -28,9 +29,10 @@ class WorldConfig:
 
 CONFIGS = {
     "full": WorldConfig("full", image_size=64, max_concepts=None, pretrain_per_concept=8,
-                        train_per_class=16, val_per_class=4, test_per_class=25),
+                        train_per_class=16, val_per_class=4, test_per_class=20),
     "mini": WorldConfig("mini", image_size=64, max_concepts=300, pretrain_per_concept=3,
-                        train_per_class=16, val_per_class=2, test_per_class=6),
+                        train_per_class=16, val_per_class=2, test_per_class=6,
+                        max_classes_per_task=10),
 }
 
 

@@ -1,0 +1,187 @@
+"""Shared machinery for the two prompt hooks of the backbone protocol.
+
+Both hooks are implemented with torch forward hooks on the wrapped library's own modules, so
+everything else (masks, positional embeddings, pooling, projections) runs exactly as the
+library runs it:
+
+* text (CoOp): a forward hook on the token-embedding layer replaces the embeddings of the first
+  run of ``n_ctx`` placeholder tokens in each text by the context vectors;
+* vision (VPT/MaPLe deep prompts): a forward pre-hook on transformer block ``i`` inserts (first
+  prompted block) or replaces (later blocks) prompt tokens right after the prefix tokens (the
+  class token, if any); a forward hook on the last block drops them again, so the model's own
+  pooling sees exactly the tokens it was trained to pool.
+
+The hooks are registered for one call and removed in ``finally``; a backbone must not be used
+from two threads at once while a hook call is in flight.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import AnyclassError
+
+
+class PromptError(AnyclassError, ValueError):
+    """Bad context vectors / prompts, or texts without the placeholder run."""
+
+
+class HookUnsupportedError(AnyclassError, NotImplementedError):
+    """The model's architecture does not support a prompt hook (e.g. a ResNet image tower)."""
+
+
+# ----------------------------------------------------------------------------- text (CoOp)
+
+def placeholder_token_id(tokenize: Callable[[list[str]], torch.Tensor], placeholder: str) -> int:
+    """The single token id of `placeholder` tokenised on its own (ids in "X" but not in "")."""
+    with_ph = tokenize([placeholder])[0].tolist()
+    empty = set(tokenize([""])[0].tolist())
+    ids = [i for i in with_ph if i not in empty]
+    if len(ids) != 1:
+        raise PromptError(f"placeholder {placeholder!r} is not a single token for this tokenizer "
+                          f"(got ids {ids}); choose another placeholder word")
+    return ids[0]
+
+
+def context_starts(ids: torch.Tensor, token_id: int, n_ctx: int, texts: Sequence[str],
+                   placeholder: str) -> torch.Tensor:
+    """Start index of the first run of `n_ctx` consecutive `token_id` in each row of `ids`."""
+    hit = ids == token_id
+    if n_ctx > ids.shape[1]:
+        raise PromptError(f"{n_ctx} context vectors cannot fit a context length of {ids.shape[1]}")
+    run = hit.unfold(1, n_ctx, 1).all(-1)  # [B, L - n_ctx + 1]: a run starts here
+    ok = run.any(1)
+    if not bool(ok.all()):
+        bad = texts[int((~ok).nonzero()[0])]
+        raise PromptError(f"text {bad!r} has no run of {n_ctx} placeholder tokens {placeholder!r} "
+                          f"(write e.g. {' '.join([placeholder] * n_ctx)!r} where the context goes)")
+    return run.int().argmax(1)
+
+
+def check_context(ctx: torch.Tensor, n_texts: int, width: int) -> torch.Tensor:
+    """Validate ctx ([n_ctx, W] or [B, n_ctx, W]) and return it as [B, n_ctx, W]."""
+    if ctx.dim() == 2:
+        ctx = ctx.unsqueeze(0).expand(n_texts, -1, -1)
+    if ctx.dim() != 3 or ctx.shape[0] != n_texts or ctx.shape[2] != width:
+        raise PromptError(f"ctx must be [n_ctx, {width}] or [{n_texts}, n_ctx, {width}], "
+                          f"got {list(ctx.shape)}")
+    return ctx
+
+
+@contextmanager
+def replace_token_embeddings(embedding: nn.Module, starts: torch.Tensor,
+                             ctx: torch.Tensor) -> Iterator[None]:
+    """While active, `embedding`'s output [B, L, W] has rows starts[b]:starts[b]+n_ctx
+    replaced by ctx[b] (differentiable in ctx)."""
+    n_ctx = ctx.shape[1]
+
+    def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
+        b = torch.arange(out.shape[0], device=out.device).unsqueeze(1)
+        pos = starts.to(out.device).unsqueeze(1) + torch.arange(n_ctx, device=out.device)
+        out = out.clone()
+        out[b, pos] = ctx.to(device=out.device, dtype=out.dtype)
+        return out
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------- vision (deep visual prompts)
+
+def check_prompts(prompts: Sequence[torch.Tensor | None] | None, batch: int, width: int,
+                  n_layers: int) -> list[torch.Tensor | None]:
+    """Validate prompts (each None, [n, W] or [B, n, W]); return [B, n, W] tensors or None."""
+    if prompts is None:
+        return []
+    if isinstance(prompts, torch.Tensor):
+        raise PromptError("prompts must be a sequence (one entry per layer), not a tensor")
+    if len(prompts) > n_layers:
+        raise PromptError(f"{len(prompts)} prompt entries for a vision transformer of {n_layers} layers")
+    out: list[torch.Tensor | None] = []
+    for i, p in enumerate(prompts):
+        if p is None:
+            out.append(None)
+            continue
+        if p.dim() == 2:
+            p = p.unsqueeze(0).expand(batch, -1, -1)
+        if p.dim() != 3 or p.shape[0] != batch or p.shape[2] != width or p.shape[1] == 0:
+            raise PromptError(f"prompts[{i}] must be [n, {width}] or [{batch}, n, {width}] (n >= 1), "
+                              f"got {list(p.shape)}")
+        out.append(p)
+    return out
+
+
+_HIDDEN_KEYS = ("hidden_states", "x", "q_x")
+
+
+@contextmanager
+def deep_prompts(blocks: Sequence[nn.Module], prompts: list[torch.Tensor | None], n_prefix: int,
+                 batch_first: bool = True) -> Iterator[None]:
+    """While active, block i receives prompts[i] after its first `n_prefix` tokens (inserted at
+    the first prompted block, replacing the previous prompt outputs at later ones; None keeps
+    them); the last block's output has the prompt tokens removed."""
+    if not any(p is not None for p in prompts):
+        yield
+        return
+    state = {"n": 0}  # prompt tokens currently in the sequence
+
+    def to_bf(x: torch.Tensor) -> torch.Tensor:
+        return x if batch_first else x.transpose(0, 1)
+
+    def pre(i: int) -> Callable:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            key = None if args else next(k for k in _HIDDEN_KEYS if k in kwargs)
+            x = to_bf(args[0] if key is None else kwargs[key])
+            p = prompts[i].to(device=x.device, dtype=x.dtype)
+            k, n = n_prefix, state["n"]
+            x = to_bf(torch.cat([x[:, :k], p, x[:, k + n:]], dim=1))
+            state["n"] = p.shape[1]
+            if key is None:
+                return (x, *args[1:]), kwargs
+            return args, {**kwargs, key: x}
+        return hook
+
+    def post(_m: nn.Module, _args: tuple, out: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        rest: tuple = ()
+        if isinstance(out, tuple):  # older transformers layers return (hidden_states, ...)
+            out, rest = out[0], out[1:]
+        x = to_bf(out)
+        k, n = n_prefix, state["n"]
+        x = to_bf(torch.cat([x[:, :k], x[:, k + n:]], dim=1))
+        state["n"] = 0
+        return (x, *rest) if rest else x
+
+    handles = [blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True)
+               for i, p in enumerate(prompts) if p is not None]
+    handles.append(blocks[len(blocks) - 1].register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise embeddings; half-precision results (autocast) come back as float32."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no parameter gradients (the backbone is frozen; hooks train only prompts)."""
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return model
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))

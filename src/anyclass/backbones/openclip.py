@@ -1,0 +1,311 @@
+"""open_clip backbones: ``openclip:NAME[@TAG|@/path/ckpt|@random]``.
+
+* NAME — an open_clip model config (``open_clip.list_models()``), e.g. ``ViT-B-16-quickgelu``.
+* ``@TAG`` — an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``, ...): open_clip
+  downloads the file (the one network access, asked for by the user), and the file is read with
+  :mod:`.weights` (safetensors / weights-only), never with open_clip's own loader. The tag's
+  preprocessing (mean/std/interpolation/resize mode) is used.
+* ``@PATH`` — a local checkpoint (.safetensors, .pt/.pth/.bin/.ckpt), read with :mod:`.weights`.
+* nothing or ``@random`` — random weights, initialised with a fixed seed (a warning says so).
+
+OpenAI weights were trained with QuickGELU: using them with a plain config (``ViT-B-16``
+instead of ``ViT-B-16-quickgelu``) warns (METHODS.md §0).
+
+Prompt hooks (see :mod:`.hooks`): the text hook works for every open_clip text tower with a
+token-embedding layer; the deep-visual-prompt hook needs open_clip's ``VisionTransformer``
+image tower (ResNet and timm towers raise :class:`HookUnsupportedError`).
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import AnyclassError, SpecError
+from .factory import BACKBONES
+from .hooks import (HookUnsupportedError, check_context, check_prompts, chunks, context_starts,
+                    deep_prompts, freeze, normalized, placeholder_token_id, replace_token_embeddings)
+from .weights import SAFETENSORS_EXT, TORCH_EXT, file_sha256, load_state_dict, state_dict_hash
+
+RANDOM_SEED = 0
+TEXT_BATCH = 256
+
+
+def parse_spec(rest: str) -> tuple[str, str, str | None]:
+    """``NAME[@W]`` -> (name, kind, value): kind is "random", "tag" or "path"."""
+    name, _, w = rest.strip().partition("@")
+    name, w = name.strip(), w.strip()
+    if not name:
+        raise SpecError("openclip spec needs a model name: openclip:NAME[@TAG|@/path/to/ckpt] "
+                        "(e.g. openclip:ViT-B-16-quickgelu@openai)")
+    if w in ("", "random"):
+        return name, "random", None
+    looks_like_path = (any(c in w for c in "/\\") or w.startswith(("~", "."))
+                       or w.lower().endswith(SAFETENSORS_EXT + TORCH_EXT) or Path(w).exists())
+    return name, ("path" if looks_like_path else "tag"), w
+
+
+def _check_name(name: str) -> None:
+    import open_clip
+    models = open_clip.list_models()
+    if name not in models:
+        close = difflib.get_close_matches(name, models, n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise SpecError(f"unknown open_clip model {name!r}{hint} (open_clip.list_models() lists all {len(models)})")
+
+
+def _pretrained_cfg(name: str, tag: str) -> dict[str, Any]:
+    import open_clip
+    cfg = open_clip.pretrained.get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        known = f"known tags: {', '.join(tags)}" if tags else "open_clip has no pretrained tags for it"
+        raise SpecError(f"unknown pretrained tag {tag!r} for open_clip model {name!r} ({known}); "
+                        f"or give a checkpoint path, or @random")
+    return dict(cfg)
+
+
+def _download(name: str, tag: str, cfg: dict[str, Any]) -> Path:
+    """Fetch the tag's weights file with open_clip's downloader (prefers safetensors on the HF hub)."""
+    import open_clip
+    try:
+        path = open_clip.pretrained.download_pretrained(cfg)
+    except Exception as e:
+        raise AnyclassError(f"could not download open_clip weights {name}@{tag} ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}); without network, download the file "
+                            f"elsewhere and use openclip:{name}@/path/to/file") from None
+    if not path:
+        raise AnyclassError(f"open_clip gives no download location for {name}@{tag}")
+    return Path(path)
+
+
+def _warn_quickgelu(name: str, model_cfg: dict[str, Any], weights_quickgelu: bool, what: str) -> None:
+    if bool(model_cfg.get("quick_gelu", False)) == weights_quickgelu:
+        return
+    if weights_quickgelu:
+        base = name[: -len("-quickgelu")] if name.endswith("-quickgelu") else name
+        warnings.warn(f"{what} were trained with QuickGELU but config {name!r} uses GELU: features will be "
+                      f"slightly off; use openclip:{base}-quickgelu@... instead", UserWarning, stacklevel=3)
+    else:
+        warnings.warn(f"{what} were trained with GELU but config {name!r} uses QuickGELU", UserWarning,
+                      stacklevel=3)
+
+
+def _create_model(name: str, preprocess_overrides: dict[str, Any] | None) -> nn.Module:
+    """Instantiate the architecture on CPU with seeded random init (no download of any kind)."""
+    import open_clip
+    kwargs: dict[str, Any] = {"pretrained": None, "device": "cpu"}
+    params = inspect.signature(open_clip.create_model).parameters
+    if "pretrained_text" in params:
+        kwargs["pretrained_text"] = False  # HF text towers: don't fetch base weights
+    if preprocess_overrides and "force_preprocess_cfg" in params:
+        kwargs["force_preprocess_cfg"] = preprocess_overrides
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip logs "initialized randomly"; we load weights next
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        try:
+            return open_clip.create_model(name, **kwargs)
+        except Exception as e:
+            raise AnyclassError(f"cannot build open_clip model {name!r}: {type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:300]}") from None
+        finally:
+            logging.disable(previous)
+
+
+def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, name: str) -> None:
+    """Load a flat state dict with open_clip's key conversions; mismatches are a clear error."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+    sd = convert_state_dict(model, sd)
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = convert_to_custom_text_state_dict(sd)
+    for key in ("logit_scale", "logit_bias"):
+        mine = getattr(model, key, None)
+        if key in sd and isinstance(mine, torch.Tensor) and mine.ndim != sd[key].ndim:
+            sd[key] = sd[key].reshape(mine.shape)
+    if "logit_bias" not in sd and getattr(model, "logit_bias", None) is not None:
+        sd["logit_bias"] = torch.zeros_like(model.logit_bias)
+    sd.pop("text.transformer.embeddings.position_ids", None)
+    resize_pos_embed(sd, model)
+    resize_text_pos_embed(sd, model)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        msg = " ".join(str(e).split())
+        raise AnyclassError(f"checkpoint {source} does not fit open_clip model {name!r}: {msg[:300]}") from None
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        raise AnyclassError(f"checkpoint {source} does not fit open_clip model {name!r}: {'; '.join(parts)}")
+
+
+def describe_preprocess(cfg: dict[str, Any]) -> str:
+    """Exact, stable description of open_clip's eval transform for a PreprocessCfg dict."""
+    size = cfg.get("size", 224)
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    mode = cfg.get("resize_mode", "shortest")
+    crop = {"shortest": "center", "longest": "center-pad", "squash": "none"}.get(mode, mode)
+    interp = cfg.get("interpolation", "bicubic")
+    interp = "bicubic" if interp == "random" else interp
+    fmt = lambda v: "(" + ",".join(repr(float(x)) for x in (v if isinstance(v, (list, tuple)) else (v,) * 3)) + ")"
+    return (f"openclip-eval|rgb|resize={mode}:{size[0]}x{size[1]}:{interp}:antialias|crop={crop}"
+            f"|fill={cfg.get('fill_color', 0)}|to_tensor|mean={fmt(cfg.get('mean'))}|std={fmt(cfg.get('std'))}")
+
+
+class OpenClipBackbone:
+    """The :class:`~anyclass.backbones.base.VisionLanguageModel` protocol over an open_clip model."""
+
+    def __init__(self, model: nn.Module, name: str, identity: str, weights_hash: str,
+                 device: torch.device | str = "cpu") -> None:
+        import open_clip
+        from open_clip.model import get_model_preprocess_cfg
+        from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+        self.model = freeze(model)
+        self.name = name
+        self.identity = identity
+        self.weights_hash = weights_hash
+        self._pp_cfg = merge_preprocess_dict(PreprocessCfg(), get_model_preprocess_cfg(model))
+        self.preprocess: Callable[[Image.Image], torch.Tensor] = image_transform_v2(
+            PreprocessCfg(**self._pp_cfg), is_train=False)
+        self.tokenizer: Callable[[Sequence[str]], torch.Tensor] = open_clip.get_tokenizer(name)
+        cfg = open_clip.get_model_config(name) or {}
+        self.embed_dim = int(cfg.get("embed_dim") or getattr(model.visual, "output_dim", 0))
+        emb = self._token_embedding(required=False)
+        self.text_width = int(emb.embedding_dim) if emb is not None else 0
+        vit = self._vit(required=False)
+        self.vision_width = int(vit.transformer.width) if vit is not None else 0
+        self.vision_layers = len(vit.transformer.resblocks) if vit is not None else 0
+        self.logit_scale = float(model.logit_scale.detach().exp().mean())
+        bias = getattr(model, "logit_bias", None)
+        #: additive logit bias (SigLIP-style models); 0 for CLIP
+        self.logit_bias = float(bias.detach().mean()) if isinstance(bias, torch.Tensor) else 0.0
+        self._placeholder_ids: dict[str, int] = {}
+        self.device = torch.device("cpu")
+        self.to(device)
+
+    # -------------------------------------------------------------------------- building
+    @classmethod
+    def from_spec(cls, rest: str, device: torch.device | str = "cpu") -> "OpenClipBackbone":
+        """Build from the part of ``openclip:NAME[@TAG|@PATH|@random]`` after the colon."""
+        import open_clip
+        name, kind, value = parse_spec(rest)
+        if name.startswith(("hf-hub:", "local-dir:")):
+            raise SpecError(f"openclip:{name} is not supported: use openclip:NAME@/path/to/checkpoint")
+        _check_name(name)
+        model_cfg = open_clip.get_model_config(name) or {}
+        if kind == "random":
+            model = _create_model(name, None)
+            warnings.warn(f"openclip:{name} has random weights (seed {RANDOM_SEED}); its predictions are "
+                          f"meaningless — give @TAG or @/path/to/checkpoint for trained weights",
+                          UserWarning, stacklevel=2)
+            return cls(model, name, f"openclip:{name}@random", state_dict_hash(model.state_dict()), device)
+        if kind == "path":
+            path = Path(str(value)).expanduser()
+            if not path.is_file():
+                raise SpecError(f"checkpoint file not found: {path} (in spec openclip:{rest})")
+            if "openai" in path.name.lower():
+                _warn_quickgelu(name, model_cfg, True, f"OpenAI weights ({path.name})")
+            sd = load_state_dict(path)  # before building: refuse unsafe files early
+            model = _create_model(name, None)
+            _load_into(model, sd, str(path), name)
+            return cls(model, name, f"openclip:{name}@file", file_sha256(path), device)
+        tag = str(value)
+        cfg = _pretrained_cfg(name, tag)
+        _warn_quickgelu(name, model_cfg, bool(cfg.get("quick_gelu", False)), f"the {tag!r} weights")
+        path = _download(name, tag, cfg)
+        sd = load_state_dict(path)
+        model = _create_model(name, cfg)
+        _load_into(model, sd, str(path), name)
+        return cls(model, name, f"openclip:{name}@{tag}", file_sha256(path), device)
+
+    # -------------------------------------------------------------------------- protocol
+    def to(self, device: torch.device | str) -> "OpenClipBackbone":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    def preprocess_id(self) -> str:
+        return describe_preprocess(self._pp_cfg)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.model.encode_image(images.to(self.device, non_blocking=True))
+        return normalized(x)
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = list(texts)
+        out = [self.model.encode_text(self.tokenizer(texts[s]).to(self.device))
+               for s in chunks(len(texts), TEXT_BATCH)]
+        if not out:
+            return torch.empty(0, self.embed_dim, device=self.device)
+        return normalized(torch.cat(out))
+
+    def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor,
+                                 placeholder: str = "X") -> torch.Tensor:
+        texts = list(texts)
+        emb = self._token_embedding(required=True)
+        ctx = check_context(ctx, len(texts), self.text_width)
+        ids = self.tokenizer(texts).to(self.device)
+        starts = context_starts(ids, self._placeholder_id(placeholder), ctx.shape[1], texts, placeholder)
+        with replace_token_embeddings(emb, starts, ctx):
+            x = self.model.encode_text(ids)
+        return normalized(x)
+
+    def encode_images_with_prompts(self, images: torch.Tensor,
+                                   prompts: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        vit = self._vit(required=True)
+        ps = check_prompts(prompts, images.shape[0], self.vision_width, self.vision_layers)
+        with deep_prompts(vit.transformer.resblocks, ps, n_prefix=1,
+                          batch_first=getattr(vit.transformer, "batch_first", True)):
+            x = self.model.encode_image(images.to(self.device, non_blocking=True))
+        return normalized(x)
+
+    # -------------------------------------------------------------------------- internals
+    def _token_embedding(self, required: bool) -> nn.Module | None:
+        m = self.model
+        for owner in (m, getattr(m, "text", None)):
+            if isinstance(getattr(owner, "token_embedding", None), nn.Embedding):
+                return owner.token_embedding
+        hf = getattr(getattr(m, "text", None), "transformer", None)  # open_clip's HFTextEncoder
+        if hf is not None and hasattr(hf, "get_input_embeddings"):
+            return hf.get_input_embeddings()
+        if required:
+            raise HookUnsupportedError(f"openclip:{self.name}: its text tower has no token-embedding layer, "
+                                       f"so context vectors cannot be inserted")
+        return None
+
+    def _vit(self, required: bool) -> nn.Module | None:
+        from open_clip.transformer import VisionTransformer
+        visual = self.model.visual
+        if isinstance(visual, VisionTransformer):
+            return visual
+        if required:
+            raise HookUnsupportedError(
+                f"openclip:{self.name}: deep visual prompts need a ViT image tower, but its image tower is "
+                f"{type(visual).__name__} (ResNet/timm towers have no token sequence to prompt); "
+                f"the text hook still works")
+        return None
+
+    def _placeholder_id(self, placeholder: str) -> int:
+        if placeholder not in self._placeholder_ids:
+            self._placeholder_ids[placeholder] = placeholder_token_id(self.tokenizer, placeholder)
+        return self._placeholder_ids[placeholder]
+
+    def __repr__(self) -> str:
+        return f"OpenClipBackbone({self.identity}, device={self.device})"
+
+
+@BACKBONES.register("openclip")
+def build_openclip(rest: str, device: torch.device | str = "cpu") -> OpenClipBackbone:
+    return OpenClipBackbone.from_spec(rest, device)

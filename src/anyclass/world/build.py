@@ -1,0 +1,301 @@
+"""Build (once) and open the offline world: concepts → task images → split files → built-in
+model → DONE marker, under `$ANYCLASS_HOME/world/<cfg.key()>/`.
+
+Layout of `World.root`:
+  concepts.json                          the world's concepts (fields of `Concept`)
+  images/<domain>/<task>/<split>/<concept id>_<k>.png
+  tasks/<task>/split_<domain>.json       CoOp format; relpaths relative to `World.image_root`
+  model/                                 the built-in model (written by world.train)
+  DONE                                   json: config, versions, counts, timings
+
+Builds are deterministic (every image's seed derives from config seed, task, split, concept
+and index; task seeds are ≥ 2**32, pretraining seeds below), idempotent (a built world opens
+in milliseconds), resumable (each step leaves a marker, every file is written atomically) and
+safe when several processes build at once (an flock on `<key>.lock`).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ..paths import home
+from .concepts import Concept, load_concepts
+from .config import WORLD_VERSION, WorldConfig, get_config
+from .render import DOMAINS, TASK_SEED_BASE
+from .tasks import DIFFICULTY, TaskSpec, get_tasks, validate_tasks
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task as built: class order = label order; `counts[split]` images per domain."""
+
+    name: str
+    description: str
+    classnames: list[str]
+    concept_ids: list[str]
+    difficulty: int
+    counts: dict[str, int]
+
+    @property
+    def difficulty_name(self) -> str:
+        return DIFFICULTY[self.difficulty]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+
+@dataclass
+class World:
+    """An offline world on disk. Split-file relpaths are relative to `image_root`."""
+
+    root: Path
+    cfg: WorldConfig
+    tasks: dict[str, TaskInfo]
+    concepts: list[Concept] = field(repr=False)
+    info: dict = field(default_factory=dict, repr=False)   # the DONE marker's content
+
+    @property
+    def image_root(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return DOMAINS
+
+    def split_file(self, task: str, domain: str = "colour") -> Path:
+        self._check(task, domain)
+        return self.root / "tasks" / task / f"split_{domain}.json"
+
+    def read_split(self, task: str, domain: str = "colour") -> dict[str, list[list]]:
+        """{"train"|"val"|"test": [[relpath, label, classname], ...]}."""
+        return json.loads(self.split_file(task, domain).read_text())
+
+    def _check(self, task: str, domain: str) -> None:
+        from ..errors import SpecError
+        if task not in self.tasks:
+            raise SpecError(f"unknown world task {task!r} (known: {', '.join(self.tasks)})")
+        if domain not in DOMAINS:
+            raise SpecError(f"unknown world domain {domain!r} (known: {', '.join(DOMAINS)})")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def world_root(cfg: WorldConfig) -> Path:
+    return home() / "world" / cfg.key()
+
+
+def image_seed(cfg: WorldConfig, task: str, split: str, concept_id: str, k: int) -> int:
+    """Seed of the k-th image of a concept in a task split: disjoint across splits and tasks
+    (hash), and from pretraining (≥ TASK_SEED_BASE). Shared by both domains, so colour and
+    sketch images of one split are paired (same draw index), which domain-shift studies like."""
+    h = hashlib.sha256(f"{cfg.seed}|{task}|{split}|{concept_id}|{k}".encode()).digest()
+    return TASK_SEED_BASE + int.from_bytes(h[:7], "big")
+
+
+def _per_class(cfg: WorldConfig) -> dict[str, int]:
+    return {"train": cfg.train_per_class, "val": cfg.val_per_class, "test": cfg.test_per_class}
+
+
+def _task_infos(cfg: WorldConfig, specs: dict[str, TaskSpec]) -> dict[str, TaskInfo]:
+    per = _per_class(cfg)
+    return {n: TaskInfo(n, t.description, t.classnames, t.concept_ids, t.difficulty,
+                        {s: per[s] * len(t.classes) for s in SPLITS})
+            for n, t in specs.items()}
+
+
+def _split_entries(cfg: WorldConfig, spec: TaskSpec, domain: str
+                   ) -> dict[str, list[tuple[str, int, str, str, int]]]:
+    """split → [(relpath, label, classname, concept id, seed)], in label then index order."""
+    per = _per_class(cfg)
+    out: dict[str, list] = {}
+    for split in SPLITS:
+        rows = []
+        for label, (cid, cname) in enumerate(zip(spec.concept_ids, spec.classnames)):
+            for k in range(per[split]):
+                rel = f"{domain}/{spec.name}/{split}/{cid}_{k:03d}.png"
+                rows.append((rel, label, cname, cid, image_seed(cfg, spec.name, split, cid, k)))
+        out[split] = rows
+    return out
+
+
+def _write_json(path: Path, obj: object) -> None:
+    """Atomic JSON write: readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _locked(cfg: WorldConfig, progress: bool) -> Iterator[None]:
+    lock = home() / "world" / f"{cfg.key()}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"world {cfg.key()}: another process is building it; waiting",
+                      flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _open(cfg: WorldConfig, root: Path) -> World | None:
+    """The built world at `root`, or None when it is not (completely) built."""
+    try:
+        info = json.loads((root / "DONE").read_text())
+        rows = json.loads((root / "concepts.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("key") != cfg.key():
+        return None
+    concepts = [Concept(**{**r, "keywords": tuple(r["keywords"])}) for r in rows]
+    return World(root, cfg, _task_infos(cfg, get_tasks(cfg)), concepts, info)
+
+
+def ensure_world(cfg: WorldConfig | None = None, progress: bool = True) -> World:
+    """The world for `cfg` (default: $ANYCLASS_WORLD, else "full"), built on first use."""
+    cfg = cfg or get_config()
+    world = _open(cfg, world_root(cfg))
+    if world is not None:
+        return world
+    return build_world(cfg, progress=progress)
+
+
+def build_world(cfg: WorldConfig | None = None, progress: bool = True,
+                force: bool = False) -> World:
+    """Build the world for `cfg`, resuming whatever a previous run left; `force` rebuilds
+    from scratch."""
+    from tqdm.auto import tqdm
+
+    cfg = cfg or get_config()
+    root = world_root(cfg)
+    with _locked(cfg, progress):
+        if force and root.exists():
+            shutil.rmtree(root)
+        world = _open(cfg, root)
+        if world is not None:           # another process finished it while we waited
+            return world
+        root.mkdir(parents=True, exist_ok=True)
+        timings: dict[str, float] = {}
+        steps = tqdm(total=4, desc=f"world {cfg.name}", unit="step", disable=not progress)
+
+        # 1. concepts
+        t0 = time.perf_counter()
+        steps.set_postfix_str("concepts")
+        concepts = load_concepts(cfg)
+        specs = get_tasks(cfg)
+        validate_tasks({c.id for c in concepts}, specs.values())
+        if not (root / "concepts.json").exists():
+            _write_json(root / "concepts.json", [asdict(c) for c in concepts])
+        timings["concepts_s"] = round(time.perf_counter() - t0, 2)
+        steps.update()
+
+        # 2. task images and split files, per domain
+        t0 = time.perf_counter()
+        steps.set_postfix_str("images")
+        by_id = {c.id: c for c in concepts}
+        n_images = 0
+        for domain in DOMAINS:
+            entries = {n: _split_entries(cfg, s, domain) for n, s in specs.items()}
+            pending = [n for n in specs if not _split_path(root, n, domain).exists()]
+            if not pending:
+                continue
+            _check_seeds(entries)
+            items = []
+            for n in pending:
+                for split, rows in entries[n].items():
+                    (root / "images" / domain / n / split).mkdir(parents=True, exist_ok=True)
+                    for rel, _, _, cid, seed in rows:
+                        path = root / "images" / rel
+                        if not path.exists():   # written atomically: exists ⇒ complete
+                            items.append((by_id[cid], seed, path))
+            from .render import render_to_files
+            n_images += render_to_files(items, domain, cfg.image_size, progress=progress,
+                                        desc=f"render {domain}")
+            for n in pending:
+                _write_json(_split_path(root, n, domain),
+                            {s: [[r[0], r[1], r[2]] for r in rows]
+                             for s, rows in entries[n].items()})
+        timings["render_s"] = round(time.perf_counter() - t0, 2)
+        timings["rendered_images"] = n_images
+        steps.update()
+
+        # 3. the built-in model (renders its own pretraining images, seeds < 2**32)
+        t0 = time.perf_counter()
+        steps.set_postfix_str("model")
+        model_marker = root / "model.json"
+        if not model_marker.exists():
+            from .train import train_builtin_model
+            path = train_builtin_model(cfg, concepts, root / "model", progress=progress)
+            _write_json(model_marker, {"path": os.path.relpath(path, root)})
+        timings["model_s"] = round(time.perf_counter() - t0, 2)
+        steps.update()
+
+        # 4. DONE
+        infos = _task_infos(cfg, specs)
+        info = {
+            "key": cfg.key(), "world_version": WORLD_VERSION, "config": asdict(cfg),
+            "n_concepts": len(concepts),
+            "n_synsets": sum(c.synset is not None for c in concepts),
+            "tasks": {n: {"classes": t.num_classes, **t.counts} for n, t in infos.items()},
+            "images_per_domain": sum(sum(t.counts.values()) for t in infos.values()),
+            "model": json.loads(model_marker.read_text())["path"],
+            "timings": timings, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        _write_json(root / "DONE", info)
+        steps.update()
+        steps.close()
+        return World(root, cfg, infos, concepts, info)
+
+
+def _split_path(root: Path, task: str, domain: str) -> Path:
+    return root / "tasks" / task / f"split_{domain}.json"
+
+
+def _check_seeds(entries: dict[str, dict[str, list]]) -> None:
+    """No (concept, seed) pair may appear twice across tasks and splits (no leakage)."""
+    seen: set[tuple[str, int]] = set()
+    for splits in entries.values():
+        for rows in splits.values():
+            for r in rows:
+                key = (r[3], r[4])
+                if key in seen:
+                    raise RuntimeError(f"duplicate image seed for {r[3]}")
+                seen.add(key)
+
+
+def describe_tasks(world: World) -> list[str]:
+    """One line per task for `anyclass world tasks`: name, classes, train/val/test images."""
+    w = max(len(n) for n in world.tasks)
+    lines = [f"{'task':<{w}}  classes  train/val/test  difficulty"]
+    for n, t in world.tasks.items():
+        c = t.counts
+        counts = f"{c['train']}/{c['val']}/{c['test']}"
+        lines.append(f"{n:<{w}}  {t.num_classes:>7}  {counts:<14}  {t.difficulty_name}")
+    return lines

@@ -1,0 +1,266 @@
+"""Seeded rendering of concepts in two domains: "colour" (Noto Color Emoji) and "sketch"
+(Symbola, monochrome strokes).
+
+`render(concept, domain, seed, size)` is a pure function of its arguments: the same
+(concept, domain, seed, size) gives identical pixels on every run and in every process.
+Seed convention: seeds below 2**32 belong to the built-in model's pretraining renders; the
+task splits use seeds at or above 2**32 (see `TASK_SEED_BASE`), so the two never share an
+image.
+"""
+from __future__ import annotations
+
+import colorsys
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+DOMAINS = ("colour", "sketch")
+TASK_SEED_BASE = 2**32          # task-split seeds live at or above this; pretraining below
+_BASE = 128                      # cached glyph side (Noto's bitmaps are 136×128)
+_NOTO_SIZE = 109                 # the only size Noto Color Emoji's bitmap strike renders at
+
+
+class HasGlyph(Protocol):
+    codepoint: int
+
+
+def _check_domain(domain: str) -> None:
+    if domain not in DOMAINS:
+        from ..errors import SpecError
+        raise SpecError(f"unknown domain {domain!r} (known: {', '.join(DOMAINS)})")
+
+
+@lru_cache(maxsize=2)
+def _font(domain: str) -> ImageFont.FreeTypeFont:
+    from .concepts import noto_font_path, symbola_font_path
+    if domain == "colour":
+        return ImageFont.truetype(str(noto_font_path()), _NOTO_SIZE)
+    return ImageFont.truetype(str(symbola_font_path()), 160)
+
+
+@lru_cache(maxsize=4096)
+def base_glyph(codepoint: int, domain: str) -> Image.Image:
+    """The un-augmented glyph, cropped to its ink and scaled so its longer side is 128 px.
+
+    colour: RGBA as the font draws it; sketch: RGBA black strokes whose alpha is the ink.
+    """
+    _check_domain(domain)
+    ch = chr(codepoint)
+    font = _font(domain)
+    l, t, r, b = font.getbbox(ch)
+    w, h = max(r, 1) + 8, max(b, 1) + 8
+    if domain == "colour":
+        im = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+        ImageDraw.Draw(im).text((4, 4), ch, font=font, embedded_color=True)
+    else:
+        mask = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(mask).text((4, 4), ch, font=font, fill=255)
+        im = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+        im.putalpha(mask)
+    bbox = im.getchannel("A").getbbox()
+    if bbox is None:
+        raise ValueError(f"U+{codepoint:04X} has no ink in the {domain} font")
+    im = im.crop(bbox)
+    s = _BASE / max(im.size)
+    return im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))),
+                     Image.LANCZOS)
+
+
+def _rand_colour(rng: random.Random, v: tuple[float, float], s: tuple[float, float]
+                 ) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*s), rng.uniform(*v))
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _background(rng: random.Random, domain: str, size: int) -> np.ndarray:
+    """Plain colour, linear gradient or plain + light noise; paper-like for sketches."""
+    v, s = ((0.35, 1.0), (0.0, 0.6)) if domain == "colour" else ((0.82, 1.0), (0.0, 0.12))
+    kind = rng.choices(("plain", "gradient", "noise"), weights=(0.4, 0.35, 0.25))[0]
+    c1 = np.array(_rand_colour(rng, v, s), np.float32)
+    if kind == "gradient":
+        c2 = np.array(_rand_colour(rng, v, s), np.float32)
+        a = rng.uniform(0, 2 * math.pi)
+        y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+        t = x * math.cos(a) + y * math.sin(a)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        bg = c1 + (c2 - c1) * t[..., None]
+    else:
+        bg = np.broadcast_to(c1, (size, size, 3)).astype(np.float32)
+    if kind == "noise":
+        nrng = np.random.default_rng(rng.getrandbits(64))
+        bg = bg + nrng.normal(0.0, rng.uniform(4, 14), (size, size, 1 if rng.random() < .5 else 3))
+    return np.clip(bg, 0, 255).astype(np.uint8)
+
+
+def _jitter_colour(glyph: Image.Image, rng: random.Random) -> Image.Image:
+    """Brightness, contrast and saturation jitter; no hue shift (red vs green apple matters)."""
+    a = np.asarray(glyph, dtype=np.float32)
+    rgb, alpha = a[..., :3], a[..., 3:]
+    rgb = rgb * rng.uniform(0.75, 1.2)                                   # brightness
+    mean = (rgb * alpha).sum((0, 1)) / max(float(alpha.sum()), 1.0)
+    rgb = (rgb - mean.mean()) * rng.uniform(0.75, 1.25) + mean.mean()    # contrast
+    grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    rgb = grey[..., None] + (rgb - grey[..., None]) * rng.uniform(0.6, 1.3)  # saturation
+    out = np.concatenate([np.clip(rgb, 0, 255), alpha], axis=-1).astype(np.uint8)
+    return Image.fromarray(out, "RGBA")
+
+
+def _ink(glyph: Image.Image, rng: random.Random, size: int) -> Image.Image:
+    """Sketch strokes: dark pencil/ink colour, pressure (alpha) and occasional thickening."""
+    alpha = glyph.getchannel("A")
+    if rng.random() < 0.3 and size >= 32:
+        alpha = alpha.filter(ImageFilter.MaxFilter(3))
+    alpha = alpha.point(lambda p, k=rng.uniform(0.7, 1.0): int(p * k))
+    ink = Image.new("RGBA", glyph.size, _rand_colour(rng, (0.0, 0.35), (0.0, 0.5)) + (0,))
+    ink.putalpha(alpha)
+    return ink
+
+
+def render(concept: HasGlyph, domain: str, seed: int, size: int) -> Image.Image:
+    """One augmented RGB image (size×size) of `concept` in `domain`, a pure function of seed.
+
+    Augmentations: scale, rotation, position (slight crop allowed), background, colour jitter
+    (colour) or ink colour/pressure/thickness (sketch), a small occluding patch, blur.
+    No flips: they would change meaning (left vs right arrow, pointing hands).
+    """
+    _check_domain(domain)
+    rng = random.Random(f"{domain}:{concept.codepoint}:{seed}")
+    img = Image.fromarray(_background(rng, domain, size), "RGB")
+    glyph = base_glyph(concept.codepoint, domain)
+    side = size * rng.uniform(0.55, 0.9)
+    k = side / max(glyph.size)
+    glyph = glyph.resize((max(1, round(glyph.width * k)), max(1, round(glyph.height * k))),
+                         Image.BILINEAR, reducing_gap=2.0)
+    if domain == "colour":
+        glyph = _jitter_colour(glyph, rng)
+    else:
+        glyph = _ink(glyph, rng, size)
+    glyph = glyph.rotate(rng.uniform(-25, 25), resample=Image.BICUBIC, expand=True)
+    slack = 0.08 * size
+    x = rng.uniform(-slack, max(size - glyph.width + slack, -slack))
+    y = rng.uniform(-slack, max(size - glyph.height + slack, -slack))
+    img.paste(glyph, (round(x), round(y)), glyph)
+    if rng.random() < 0.2:                                              # occlusion
+        w, h = (round(size * rng.uniform(0.12, 0.25)) for _ in range(2))
+        ox, oy = rng.randrange(0, size - w + 1), rng.randrange(0, size - h + 1)
+        fill = _rand_colour(rng, (0.2, 1.0), (0.0, 0.8))
+        ImageDraw.Draw(img).rectangle((ox, oy, ox + w - 1, oy + h - 1), fill=fill)
+    if rng.random() < 0.3:                                              # blur
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.1) * size / 64))
+    return img
+
+
+# ---------------------------------------------------------------------------------------------
+# Bulk rendering over processes (2 cores here). Items are grouped by concept so each worker
+# rasterises a glyph once (the lru_cache lives per process).
+
+def _workers(n_items: int, workers: int | None) -> int:
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    return 1 if n_items < 64 else max(1, workers)
+
+
+def _chunks(n: int, order: Sequence[int], n_chunks: int) -> list[list[int]]:
+    size = max(1, math.ceil(n / n_chunks))
+    return [list(order[i:i + size]) for i in range(0, n, size)]
+
+
+def _render_chunk(args: tuple[list[tuple[int, int, int]], str, int]) -> tuple[list[int], bytes]:
+    items, domain, size = args
+    out = np.empty((len(items), size, size, 3), np.uint8)
+    for j, (_, cp, seed) in enumerate(items):
+        out[j] = np.asarray(render(_CP(cp), domain, seed, size))
+    return [i for i, _, _ in items], out.tobytes()
+
+
+def _save_chunk(args: tuple[list[tuple[int, int, str]], str, int]) -> int:
+    items, domain, size = args
+    for cp, seed, path in items:
+        tmp = f"{path}.tmp{os.getpid()}"
+        render(_CP(cp), domain, seed, size).save(tmp, format="PNG", compress_level=6)
+        os.replace(tmp, path)  # a file that exists is always complete (resumable builds)
+    return len(items)
+
+
+class _CP:
+    """A picklable stand-in for a concept: rendering needs only the code point."""
+
+    __slots__ = ("codepoint",)
+
+    def __init__(self, codepoint: int) -> None:
+        self.codepoint = codepoint
+
+
+def _pool(n: int):
+    import multiprocessing as mp
+    # fork: the workers only use PIL/numpy, and spawn would re-import the caller's __main__
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    return ctx.Pool(n)
+
+
+def _run(fn: Callable, jobs: list, workers: int, progress: bool, desc: str, total: int,
+         weight: Callable[[object], int]):
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        if workers <= 1:
+            for job in jobs:
+                res = fn(job)
+                bar.update(weight(res))
+                yield res
+        else:
+            with _pool(workers) as pool:
+                for res in pool.imap_unordered(fn, jobs):
+                    bar.update(weight(res))
+                    yield res
+    finally:
+        bar.close()
+
+
+def render_batch(items: Sequence[tuple[HasGlyph, int]], domain: str, size: int,
+                 workers: int | None = None, progress: bool = False) -> np.ndarray:
+    """Render (concept, seed) pairs to a uint8 array [N, size, size, 3], in item order."""
+    _check_domain(domain)
+    n = len(items)
+    out = np.empty((n, size, size, 3), np.uint8)
+    if n == 0:
+        return out
+    w = _workers(n, workers)
+    order = sorted(range(n), key=lambda i: (items[i][0].codepoint, i))
+    chunks = _chunks(n, order, w * 8)
+    jobs = [([(i, items[i][0].codepoint, int(items[i][1])) for i in c], domain, size)
+            for c in chunks]
+    for idx, buf in _run(_render_chunk, jobs, w, progress, f"render {domain}", n,
+                         lambda r: len(r[0])):
+        out[idx] = np.frombuffer(buf, np.uint8).reshape(len(idx), size, size, 3)
+    return out
+
+
+def render_to_files(items: Sequence[tuple[HasGlyph, int, Path]], domain: str, size: int,
+                    workers: int | None = None, progress: bool = False,
+                    desc: str | None = None) -> int:
+    """Render (concept, seed, path) triples straight to PNG files (parent dirs must exist)."""
+    _check_domain(domain)
+    n = len(items)
+    if n == 0:
+        return 0
+    w = _workers(n, workers)
+    order = sorted(range(n), key=lambda i: (items[i][0].codepoint, i))
+    chunks = _chunks(n, order, w * 8)
+    jobs = [([(items[i][0].codepoint, int(items[i][1]), str(items[i][2])) for i in c],
+             domain, size) for c in chunks]
+    return sum(_run(_save_chunk, jobs, w, progress, desc or f"render {domain}", n,
+                    lambda r: r))
+
+
+def render_many(items: Sequence[tuple[HasGlyph, int]], domain: str, size: int,
+                workers: int | None = None) -> list[Image.Image]:
+    """Like `render_batch`, as PIL images."""
+    return [Image.fromarray(a) for a in render_batch(items, domain, size, workers)]
