@@ -61,7 +61,8 @@ def test_concept_names(by_id):
     ("u1f34f", "apple.n.01"),
     ("u1f697", "car.n.01"),
     ("u1f48d", "ring.n.08"),     # the jewellery, not the sound
-    ("u1f600", "face.n.01"),     # smileys are faces
+    ("u1f600", "smile.n.01"),    # grinning face: its alias "grinning" is a smile
+    ("u1f610", "face.n.01"),     # other smileys are faces
     ("u1f552", "clock.n.01"),    # clock faces are clocks
     ("u2b06", "arrow.n.01"),     # arrows are the directional mark
 ])

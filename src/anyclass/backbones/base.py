@@ -20,6 +20,8 @@ class VisionLanguageModel(Protocol):
     weights_hash: str
     #: multiplier applied to cosine similarities to get logits (CLIP: 100)
     logit_scale: float
+    #: additive logit bias (SigLIP's; 0 for CLIP-style models)
+    logit_bias: float
     #: PIL image -> CHW float tensor, the model's own eval preprocessing
     preprocess: Callable[[Image.Image], torch.Tensor]
     #: list of strings -> token tensor (whatever encode_text needs)
@@ -28,7 +30,8 @@ class VisionLanguageModel(Protocol):
     embed_dim: int
     #: width of the text transformer's token embeddings (size of a context vector)
     text_width: int
-    #: width and depth of the vision transformer (size/number of deep visual prompts)
+    #: width and depth of the vision transformer (size/number of deep visual prompts);
+    #: 0 for towers without prompt support (ResNets), whose prompt hook raises
     vision_width: int
     vision_layers: int
     device: torch.device
@@ -53,9 +56,9 @@ class VisionLanguageModel(Protocol):
         [len(texts), embed_dim]."""
 
     def encode_images_with_prompts(self, images: torch.Tensor,
-                                   prompts: Sequence[torch.Tensor | None]) -> torch.Tensor:
+                                   prompts: Sequence[torch.Tensor | None] | None) -> torch.Tensor:
         """VPT/MaPLe-style deep prompts: prompts[i] ([n, vision_width] or [B, n, vision_width])
         are the prompt tokens entering layer i (inserted after the class token at the first
         prompted layer; at later layers they replace the previous layer's prompt outputs).
         None at index i keeps the previous layer's prompt outputs; len(prompts) <=
-        vision_layers. Differentiable in prompts. Returns normalised [B, embed_dim]."""
+        vision_layers; prompts=None or [] is the plain encoder. Differentiable in prompts. Returns normalised [B, embed_dim]."""

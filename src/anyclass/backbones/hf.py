@@ -18,6 +18,7 @@ weights-only loading). The model is kept in float32; callers may use autocast.
 """
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,11 +28,12 @@ from torch import nn
 
 from ..errors import AnyclassError, SpecError
 from .factory import BACKBONES
-from .hooks import (check_context, check_prompts, chunks, context_starts, deep_prompts, freeze, normalized,
-                    placeholder_token_id, replace_token_embeddings)
+from .hooks import (check_context, check_prompts, chunks, context_starts, deep_prompts, freeze,
+                    normalized, placeholder_token_id, replace_token_embeddings)
 from .weights import state_dict_hash
 
 SUPPORTED = ("clip", "siglip")
+_DTYPE_KW = "dtype" if int(version("transformers").split(".")[0]) >= 5 else "torch_dtype"
 TEXT_BATCH = 256
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -186,7 +188,7 @@ class HFClipBackbone:
             raise SpecError(f"hf:{src}: model type {config.model_type!r} is not supported "
                             f"(supported: {', '.join(SUPPORTED)})")
         try:
-            model = model_cls.from_pretrained(where, dtype=torch.float32, **kw)
+            model = model_cls.from_pretrained(where, **{_DTYPE_KW: torch.float32}, **kw)
             tokenizer = AutoTokenizer.from_pretrained(where, **kw)
         except Exception as e:
             raise AnyclassError(f"cannot load hf:{src}: {_short(e)}") from None
@@ -255,7 +257,7 @@ def _processor_cfg(where: str, kw: dict[str, Any], config: Any, auto_cls: Any) -
         return d
     except Exception as e:
         warnings.warn(f"hf:{where}: no usable image-processor config ({_short(e)}); using "
-                      f"{config.model_type} defaults", UserWarning, stacklevel=3)
+                      f"{config.model_type} defaults", UserWarning, stacklevel=5)
         return _default_processor_cfg(config.model_type, int(config.vision_config.image_size))
 
 

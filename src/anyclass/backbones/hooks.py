@@ -65,7 +65,7 @@ def check_context(ctx: torch.Tensor, n_texts: int, width: int) -> torch.Tensor:
     """Validate ctx ([n_ctx, W] or [B, n_ctx, W]) and return it as [B, n_ctx, W]."""
     if ctx.dim() == 2:
         ctx = ctx.unsqueeze(0).expand(n_texts, -1, -1)
-    if ctx.dim() != 3 or ctx.shape[0] != n_texts or ctx.shape[2] != width:
+    if ctx.dim() != 3 or ctx.shape[0] != n_texts or ctx.shape[2] != width or ctx.shape[1] == 0:
         raise PromptError(f"ctx must be [n_ctx, {width}] or [{n_texts}, n_ctx, {width}], "
                           f"got {list(ctx.shape)}")
     return ctx

@@ -58,7 +58,8 @@ def _check_name(name: str) -> None:
     if name not in models:
         close = difflib.get_close_matches(name, models, n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise SpecError(f"unknown open_clip model {name!r}{hint} (open_clip.list_models() lists all {len(models)})")
+        raise SpecError(f"unknown open_clip model {name!r}{hint} "
+                        f"(open_clip.list_models() lists all {len(models)})")
 
 
 def _pretrained_cfg(name: str, tag: str) -> dict[str, Any]:
@@ -92,10 +93,10 @@ def _warn_quickgelu(name: str, model_cfg: dict[str, Any], weights_quickgelu: boo
     if weights_quickgelu:
         base = name[: -len("-quickgelu")] if name.endswith("-quickgelu") else name
         warnings.warn(f"{what} were trained with QuickGELU but config {name!r} uses GELU: features will be "
-                      f"slightly off; use openclip:{base}-quickgelu@... instead", UserWarning, stacklevel=3)
+                      f"slightly off; use openclip:{base}-quickgelu@... instead", UserWarning, stacklevel=5)
     else:
         warnings.warn(f"{what} were trained with GELU but config {name!r} uses QuickGELU", UserWarning,
-                      stacklevel=3)
+                      stacklevel=5)
 
 
 def _create_model(name: str, preprocess_overrides: dict[str, Any] | None) -> nn.Module:
@@ -209,7 +210,7 @@ class OpenClipBackbone:
             model = _create_model(name, None)
             warnings.warn(f"openclip:{name} has random weights (seed {RANDOM_SEED}); its predictions are "
                           f"meaningless — give @TAG or @/path/to/checkpoint for trained weights",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=4)
             return cls(model, name, f"openclip:{name}@random", state_dict_hash(model.state_dict()), device)
         if kind == "path":
             path = Path(str(value)).expanduser()

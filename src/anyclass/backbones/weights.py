@@ -160,7 +160,8 @@ def _flatten(obj: Any, p: Path) -> dict[str, torch.Tensor]:
         raise AnyclassError(f"cannot use checkpoint {p}: expected a dict of tensors, got {type(obj).__name__}")
     sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
-        raise AnyclassError(f"cannot use checkpoint {p}: it holds no tensors (keys: {', '.join(map(str, list(obj)[:8]))})")
+        keys = ", ".join(map(str, list(obj)[:8]))
+        raise AnyclassError(f"cannot use checkpoint {p}: it holds no tensors (keys: {keys})")
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}

@@ -134,6 +134,12 @@ def shared_text_tower() -> TextTower:
     return TextTower()
 
 
+def text_cache() -> "EmbeddingCache":
+    """The per-machine sentence cache of the bundled MiniLM under $ANYCLASS_HOME."""
+    from ..paths import home
+    return EmbeddingCache(home() / "text-cache" / f"minilm-{minilm_hash()}.safetensors")
+
+
 class EmbeddingCache:
     """On-disk cache of sentence embeddings (safetensors, keyed by the text's sha256), so the
     same captions/prompts are encoded once per machine. Writes are atomic."""

@@ -72,8 +72,8 @@ class TrainConfig:
         return asdict(self)
 
 
-_FULL_MODEL = ModelConfig(VisionConfig(patch=16, width=192, depth=6, heads=3,
-                                       stem_channels=(24, 48, 96, 128)))
+_FULL_MODEL = ModelConfig(VisionConfig(patch=16, width=128, depth=6, heads=4,
+                                       stem_channels=(16, 32, 64, 128)))
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "full": TrainConfig(model=_FULL_MODEL, epochs=12),
     "mini": TrainConfig(model=_FULL_MODEL, epochs=20),
@@ -114,8 +114,10 @@ class CaptionBank:
     partial: list[list[int]]
 
 
-def build_captions(concepts: Sequence, tcfg: TrainConfig, progress: bool) -> CaptionBank:
-    from .textenc import shared_text_tower
+def build_captions(concepts: Sequence, tcfg: TrainConfig, progress: bool,
+                   cache: bool = True) -> CaptionBank:
+    """Caption strings per concept, encoded once (through the on-disk sentence cache)."""
+    from .textenc import shared_text_tower, text_cache
     rng = random.Random(f"captions:{tcfg.seed}")
     texts: dict[str, int] = {}
     clean_idx, partial_idx = [], []
@@ -123,7 +125,9 @@ def build_captions(concepts: Sequence, tcfg: TrainConfig, progress: bool) -> Cap
         clean, partial = concept_captions(c, tcfg.captions_per_concept, rng)
         clean_idx.append([texts.setdefault(t, len(texts)) for t in clean])
         partial_idx.append([texts.setdefault(t, len(texts)) for t in partial])
-    emb = shared_text_tower().encode(list(texts), progress=progress)
+    tower = shared_text_tower()
+    emb = (text_cache().encode(tower, list(texts), progress=progress) if cache
+           else tower.encode(list(texts), progress=progress))
     return CaptionBank(emb, clean_idx, partial_idx)
 
 
@@ -227,14 +231,14 @@ def fit(model: BuiltinModel, images: torch.Tensor, concept_of: torch.Tensor,
             loss.backward()
             opt.step()
             sched.step()
-            run += float(loss)
+            run += float(loss.detach())
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}",
-                            scale=f"{float(model.logit_scale):.1f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}",
+                            scale=f"{float(model.logit_scale.detach()):.1f}")
         log["loss"].append(round(run / steps_per_epoch, 4))
     bar.close()
     model.eval()
-    log["logit_scale"] = float(model.logit_scale)
+    log["logit_scale"] = float(model.logit_scale.detach())
     return log
 
 

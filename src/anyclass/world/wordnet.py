@@ -317,6 +317,19 @@ CURATED: dict[int, str] = {
     0x1F310: "globe.n.03",         # globe with meridians
     0x1F319: "crescent.n.01",      # crescent moon
     0x1F996: "tyrannosaur.n.01",   # t-rex
+    0x1F432: "dragon.n.01",        # dragon face (WordNet files dragons under noun.person)
+    0x1F409: "dragon.n.01",        # dragon
+    0x1F923: "face.n.01",          # rolling on the floor laughing (a smiley)
+    0x1F495: "heart.n.07",         # two hearts (the shape, not the organ)
+    0x1F49E: "heart.n.07",         # revolving hearts
+    0x1F303: "night.n.01",         # night with stars (not Nox the goddess)
+    0x1F309: "bridge.n.01",        # bridge at night
+    0x1F647: "bow.n.06",           # person bowing (the gesture, not the weapon)
+    0x1F918: "gesture.n.02",       # sign of the horns
+    0x1F64F: "hand.n.01",          # folded hands
+    0x270C: "gesture.n.02",        # victory hand (not the letter v)
+    0x1F19A: "",                   # vs button
+    0x274C: "",                    # cross mark
     0x1F945: "goal.n.03",          # goal net
     0x1F364: "prawn.n.01",         # fried shrimp
     0x1F990: "shrimp.n.03",        # shrimp
@@ -409,11 +422,18 @@ def _lemma_count(syn: Any, phrase: str) -> int:
     return sum(lem.count() for lem in syn.lemmas() if lem.name().lower() == key)
 
 
+def _singular(wn: Any, word: str) -> str:
+    """"eyes" → "eye" even though WordNet also lists "eyes" (morphy stops at the latter)."""
+    forms = getattr(wn, "_morphy", lambda w, p: [wn.morphy(w, p) or w])(word, "n")
+    other = [f for f in forms if f != word]
+    return (other[0] if other else word).lower()
+
+
 def best_noun_synset(wn: Any, phrase: str) -> Any | None:
     """The best noun sense of `phrase`: a drawable sense if any, then highest lemma count,
     then WordNet's own order (most frequent first)."""
     if " " not in phrase:
-        base = wn.morphy(phrase, "n") or phrase       # "hearts" → "heart"
+        base = _singular(wn, phrase)                  # "hearts" → "heart"
         if base in HEAD_SENSES:
             name = HEAD_SENSES[base]
             return wn.synset(name) if name else None
@@ -421,12 +441,12 @@ def best_noun_synset(wn: Any, phrase: str) -> Any | None:
     if not syns:
         return None
     key = phrase.replace(" ", "_").lower()
-    base = (wn.morphy(key, "n") or key).lower()
-    # drawable first; then senses whose head lemma is the phrase itself ("shrimp" the animal
-    # over "runt", where shrimp is a side lemma); then frequency; then WordNet's order
+    base = _singular(wn, key)
+    # senses whose head lemma is the phrase itself first ("shrimp" the animal over "runt",
+    # where shrimp is a side lemma); then drawable ones; then frequency; then WordNet's order
     ranked = sorted(enumerate(syns), key=lambda t: (
-        t[1].lexname() not in _DEPICTABLE,
         t[1].lemmas()[0].name().lower() not in (key, base),
+        t[1].lexname() not in _DEPICTABLE,
         -_lemma_count(t[1], phrase), t[0]))
     return ranked[0][1]
 
@@ -464,8 +484,8 @@ def _structural_rule(wn: Any, phrase: str) -> Any | None:
     if words and words[0] == "face":
         return wn.synset(HEAD_SENSES["face"])
     m = _ANIMAL_FACE.match(phrase)
-    if m:
-        syn = best_noun_synset(wn, m.group(1))
+    if m:   # "grinning cat face" → cat
+        syn = best_noun_synset(wn, m.group(1)) or _tail_rule(wn, m.group(1))
         if syn is not None and syn.lexname() == "noun.animal":
             return syn
     for sep in (" with ", " and ", " but ", " of ", " in ", " on ", " for ", ": "):
@@ -485,14 +505,19 @@ _BAD_TAILS = {"up", "down", "left", "right", "no", "ok", "x", "on", "off", "top"
               "soon", "new", "free", "open", "in", "out", "mode", "volume", "thirty", "bar"}
 
 
+# A modifier-stripped tail in these files is a misreading ("dusk" time, "mode" attribute).
+_ABSTRACT = {"noun.Tops", "noun.time", "noun.relation", "noun.motive", "noun.feeling",
+             "noun.attribute", "noun.state", "noun.process", "noun.cognition"}
+
+
 def _tail_rule(wn: Any, phrase: str) -> Any | None:
-    """"red apple" → apple: drop modifiers from the left until a drawable noun remains."""
+    """"red apple" → apple: drop modifiers from the left until a concrete noun remains."""
     words = [w for w in re.split(r"[\s-]+", phrase) if w]
     for i in range(1, len(words)):
         tail = " ".join(words[i:])
         if tail in _FRAME_WORDS or tail in _BAD_TAILS:
             break
         syn = best_noun_synset(wn, tail)
-        if syn is not None and syn.lexname() in _DEPICTABLE:
+        if syn is not None and syn.lexname() not in _ABSTRACT:
             return syn
     return None
