@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..backbones.base import VisionLanguageModel
@@ -36,8 +37,8 @@ def classify(paths: Sequence[str], classnames: Sequence[str], backbone: VisionLa
     ds = LabeledImages("classify", list(paths), [-1] * len(paths), list(classnames))
     feats = extract_features(backbone, ds, batch_size=batch_size, cache=False, progress=progress)
     W = build_text_classifier(backbone, classnames, get_templates(templates))
-    valid = torch.as_tensor(feats.valid, dtype=torch.bool)
-    x = torch.as_tensor(feats.features[...]).float()[valid]
+    valid = torch.from_numpy(np.asarray(feats.valid, dtype=bool))
+    x = torch.from_numpy(np.array(feats.features, dtype=np.float32))[valid]
     probs = (float(backbone.logit_scale) * x.to(W.device) @ W).softmax(dim=-1).cpu()
     k = min(top_k, len(classnames))
     top = probs.topk(k, dim=1)

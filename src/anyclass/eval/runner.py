@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import __version__
@@ -41,10 +42,10 @@ class EvalConfig:
 
 
 def _featureset(feats) -> FeatureSet:
-    valid = torch.as_tensor(feats.valid, dtype=torch.bool)
-    x = torch.as_tensor(feats.features[...])[valid].float()
-    y = torch.as_tensor(feats.labels)[valid].long()
-    return FeatureSet(x, y)
+    """Valid rows only (unreadable images were warned about and are not scored)."""
+    valid = np.asarray(feats.valid, dtype=bool)
+    return FeatureSet(torch.from_numpy(np.array(feats.features[valid], dtype=np.float32)),
+                      torch.from_numpy(np.asarray(feats.labels)[valid].astype(np.int64)))
 
 
 def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
@@ -64,8 +65,10 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
     test_f = extract_features(backbone, test, **ext)
     train = val = None
     if cfg.shots > 0:
-        train_ds = sample_few_shot(load_dataset(cfg.dataset, "train"), cfg.shots, cfg.seed)
-        train = _featureset(extract_features(backbone, train_ds, **ext))
+        # extract the whole train split once (one cache entry for every shots/seed), then pick
+        full = load_dataset(cfg.dataset, "train")
+        fs = sample_few_shot(full, cfg.shots, cfg.seed)
+        train = _featureset(extract_features(backbone, full, **ext).subset(fs.meta["source_indices"]))
         try:
             val_ds = load_dataset(cfg.dataset, "val")
         except AnyclassError:
@@ -78,8 +81,7 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
     desc = load_descriptions(cfg.cupl, test.classnames) if cfg.cupl else None
     W = build_text_classifier(backbone, test.classnames, templates, desc,
                               with_templates=not (desc and cfg.cupl_mode == "alone"))
-    scale = cfg.hparams.get("logit_scale")
-    if scale is None and "logit_scale" in method.get_params():
+    if "logit_scale" not in cfg.hparams and "logit_scale" in method.get_params():
         method.set_params(logit_scale=float(backbone.logit_scale))
     method.fit(W, train=train, val=val)
     ts = _featureset(test_f)
