@@ -85,6 +85,7 @@ class BuiltinCLIP:
         self.preprocess: Callable[[Image.Image], torch.Tensor] = self._preprocess
         self.tokenizer: Callable[[Sequence[str]], torch.Tensor] = model.text.tokenize
         self.logit_scale = float(model.logit_scale.detach())
+        self.logit_bias = 0.0                     # CLIP-style softmax model: no bias
         self.embed_dim = int(vcfg.embed_dim)
         self.text_width = int(model.text.width)
         self.vision_width = int(vcfg.width)
@@ -143,7 +144,7 @@ class BuiltinCLIP:
             raise PromptError(str(e)) from None
 
     def encode_images_with_prompts(self, images: torch.Tensor,
-                                   prompts: Sequence[torch.Tensor | None]) -> torch.Tensor:
+                                   prompts: Sequence[torch.Tensor | None] | None) -> torch.Tensor:
         ps = check_prompts(prompts, images.shape[0], self.vision_width, self.vision_layers)
         return self.model.encode_images(images.to(self.device, non_blocking=True), ps)
 

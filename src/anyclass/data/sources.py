@@ -40,6 +40,9 @@ def load_dataset(spec: str, split: str = "test") -> LabeledImages:
     if not sep or not arg:
         raise SpecError(f"dataset spec {spec!r} needs a scheme: world:<task>, folder:<dir>, "
                         f"csv:<file> or coop:<name>@<root>")
+    if scheme not in SOURCES:
+        raise SpecError(f"unknown dataset spec {spec!r}: the scheme must be one of "
+                        + ", ".join(SOURCES.names()))
     ds = SOURCES.get(scheme)(arg, split)
     ds.meta.setdefault("spec", spec)
     ds.meta.setdefault("split", split)

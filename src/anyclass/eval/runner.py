@@ -52,13 +52,14 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
              progress: bool = True) -> dict:
     """Evaluate one configuration; `backbone` may be passed in to share it across runs."""
     t0 = time.perf_counter()
-    backbone = backbone or create_backbone(cfg.backbone, cfg.device)
-    test = load_dataset(cfg.dataset, cfg.split)
-    if len(test) == 0:
-        raise AnyclassError(f"dataset {cfg.dataset!r} has no images in split {cfg.split!r}")
+    # cheap checks first: a typo must not cost a model load (or a world build)
     method = create_method(cfg.method, **cfg.hparams)
     if method.needs_train and cfg.shots <= 0:
         raise AnyclassError(f"method {cfg.method!r} needs labelled shots: pass --shots K")
+    test = load_dataset(cfg.dataset, cfg.split)
+    if len(test) == 0:
+        raise AnyclassError(f"dataset {cfg.dataset!r} has no images in split {cfg.split!r}")
+    backbone = backbone or create_backbone(cfg.backbone, cfg.device)
     ext = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=progress)
 
     t_feat = time.perf_counter()

@@ -79,6 +79,11 @@ def _rand_colour(rng: random.Random, v: tuple[float, float], s: tuple[float, flo
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+@lru_cache(maxsize=8)
+def _grid(size: int) -> np.ndarray:
+    return np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+
+
 def _background(rng: random.Random, domain: str, size: int) -> np.ndarray:
     """Plain colour, linear gradient or plain + light noise; paper-like for sketches."""
     v, s = ((0.35, 1.0), (0.0, 0.6)) if domain == "colour" else ((0.82, 1.0), (0.0, 0.12))
@@ -87,7 +92,7 @@ def _background(rng: random.Random, domain: str, size: int) -> np.ndarray:
     if kind == "gradient":
         c2 = np.array(_rand_colour(rng, v, s), np.float32)
         a = rng.uniform(0, 2 * math.pi)
-        y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+        y, x = _grid(size)
         t = x * math.cos(a) + y * math.sin(a)
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
         bg = c1 + (c2 - c1) * t[..., None]
@@ -117,7 +122,8 @@ def _ink(glyph: Image.Image, rng: random.Random, size: int) -> Image.Image:
     alpha = glyph.getchannel("A")
     if rng.random() < 0.3 and size >= 32:
         alpha = alpha.filter(ImageFilter.MaxFilter(3))
-    alpha = alpha.point(lambda p, k=rng.uniform(0.7, 1.0): int(p * k))
+    k = rng.uniform(0.7, 1.0)
+    alpha = alpha.point([int(p * k) for p in range(256)])
     ink = Image.new("RGBA", glyph.size, _rand_colour(rng, (0.0, 0.35), (0.0, 0.5)) + (0,))
     ink.putalpha(alpha)
     return ink
@@ -184,7 +190,7 @@ def _save_chunk(args: tuple[list[tuple[int, int, str]], str, int]) -> int:
     items, domain, size = args
     for cp, seed, path in items:
         tmp = f"{path}.tmp{os.getpid()}"
-        render(_CP(cp), domain, seed, size).save(tmp, format="PNG", compress_level=6)
+        render(_CP(cp), domain, seed, size).save(tmp, format="PNG", compress_level=2)
         os.replace(tmp, path)  # a file that exists is always complete (resumable builds)
     return len(items)
 
