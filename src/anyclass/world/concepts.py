@@ -161,6 +161,9 @@ def _all_concepts(cache_dir: str) -> tuple[Concept, ...]:
     with os.fdopen(fd, "w") as f:
         json.dump([asdict(c) for c in concepts], f, ensure_ascii=False, indent=0)
     os.replace(tmp, path)
+    for old in path.parent.glob("concepts-*.json"):   # lists of older code/fonts: stale
+        if old != path:
+            old.unlink(missing_ok=True)
     return tuple(concepts)
 
 

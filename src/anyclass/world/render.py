@@ -105,16 +105,19 @@ def _background(rng: random.Random, domain: str, size: int) -> np.ndarray:
 
 
 def _jitter_colour(glyph: Image.Image, rng: random.Random) -> Image.Image:
-    """Brightness, contrast and saturation jitter; no hue shift (red vs green apple matters)."""
+    """Brightness, contrast and saturation jitter; no hue shift (red vs green apple matters).
+
+    All three are linear, so they fold into one affine map: out = A·(s·x + (1−s)·grey) + B.
+    """
+    b, c, s = rng.uniform(0.75, 1.2), rng.uniform(0.75, 1.25), rng.uniform(0.6, 1.3)
     a = np.asarray(glyph, dtype=np.float32)
-    rgb, alpha = a[..., :3], a[..., 3:]
-    rgb = rgb * rng.uniform(0.75, 1.2)                                   # brightness
-    mean = (rgb * alpha).sum((0, 1)) / max(float(alpha.sum()), 1.0)
-    rgb = (rgb - mean.mean()) * rng.uniform(0.75, 1.25) + mean.mean()    # contrast
-    grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-    rgb = grey[..., None] + (rgb - grey[..., None]) * rng.uniform(0.6, 1.3)  # saturation
-    out = np.concatenate([np.clip(rgb, 0, 255), alpha], axis=-1).astype(np.uint8)
-    return Image.fromarray(out, "RGBA")
+    x, alpha = a[..., :3], a[..., 3]
+    grey = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
+    mean = b * float((grey * alpha).sum()) / max(float(alpha.sum()), 1.0)
+    out = np.empty_like(a)
+    out[..., :3] = (c * b) * (s * x + (1.0 - s) * grey[..., None]) + (1.0 - c) * mean
+    out[..., 3] = alpha
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "RGBA")
 
 
 def _ink(glyph: Image.Image, rng: random.Random, size: int) -> Image.Image:
@@ -123,7 +126,7 @@ def _ink(glyph: Image.Image, rng: random.Random, size: int) -> Image.Image:
     if rng.random() < 0.3 and size >= 32:
         alpha = alpha.filter(ImageFilter.MaxFilter(3))
     k = rng.uniform(0.7, 1.0)
-    alpha = alpha.point([int(p * k) for p in range(256)])
+    alpha = Image.fromarray((np.asarray(alpha, np.float32) * k).astype(np.uint8), "L")
     ink = Image.new("RGBA", glyph.size, _rand_colour(rng, (0.0, 0.35), (0.0, 0.5)) + (0,))
     ink.putalpha(alpha)
     return ink

@@ -454,7 +454,10 @@ def best_noun_synset(wn: Any, phrase: str) -> Any | None:
 def map_to_synset(codepoint: int, label: str, name: str, aliases: tuple[str, ...]
                   ) -> tuple[str | None, str]:
     """Map one emoji to a WordNet noun synset name; returns (synset or None, how) with how in
-    {"curated", "direct", "rule", "none"}."""
+    {"curated", "direct", "rule", "none"}.
+
+    Order: the curated table (it also overrides wrong senses a name lookup would pick), then
+    a direct lookup of the whole CLDR name, Unicode name or alias, then head-noun rules."""
     wn = get_wordnet()
     if codepoint in CURATED:
         return CURATED[codepoint] or None, "curated"
