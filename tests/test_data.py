@@ -110,7 +110,7 @@ def test_csv_integer_labels_classname_column_and_split(tmp_path):
 
 
 def test_spec_errors_are_one_line():
-    for spec, msg in [("nowhere", "needs a scheme"), ("ftp:x", "unknown dataset source 'ftp'"),
+    for spec, msg in [("nowhere", "needs a scheme"), ("ftp:x", "unknown dataset spec 'ftp:x'"),
                       ("coop:caltech101", "give the data root"),
                       ("coop:mnist@/tmp", "unknown CoOp dataset 'mnist'")]:
         with pytest.raises(SpecError) as e:

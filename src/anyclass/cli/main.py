@@ -31,7 +31,7 @@ def cmd_classify(a) -> int:
     from ..backbones.factory import create_backbone
     from ..data.classnames import parse_classes, read_classes_file
     from ..eval.classify import classify, expand_inputs
-    if bool(a.classes) == bool(a.classes_file):
+    if (a.classes is None) == (a.classes_file is None):
         raise AnyclassError("give the class names with exactly one of --classes or --classes-file")
     classes = read_classes_file(a.classes_file) if a.classes_file else parse_classes(a.classes)
     paths = expand_inputs(a.images)
