@@ -20,29 +20,7 @@ from anyclass.data.sources import load_dataset
 from anyclass.errors import ClassNamesError, ImageTooLargeError
 from anyclass.features.cache import CacheRebuildWarning
 from anyclass.features.extract import extract_features
-
-
-class ToyBackbone:
-    """Tiny protocol-satisfying backbone: 8x8 downsample, fixed affine map, L2 norm."""
-    identity, weights_hash, embed_dim, device = "toy:bad", "0", 8, torch.device("cpu")
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.W = torch.randn(192, 8, generator=g)
-        self.b = torch.randn(8, generator=g)
-        self.calls = 0
-
-    def preprocess(self, img):
-        a = np.asarray(img.resize((8, 8), Image.Resampling.NEAREST), np.float32) / 255.0
-        return torch.from_numpy(a).permute(2, 0, 1).contiguous()
-
-    def preprocess_id(self) -> str:
-        return "toy:nearest8"
-
-    def encode_images(self, x):
-        self.calls += 1
-        f = torch.tanh(x.flatten(1) @ self.W + self.b)
-        return f / f.norm(dim=-1, keepdim=True)
+from toys import ToyBackbone
 
 
 @pytest.fixture(autouse=True)

@@ -15,42 +15,7 @@ from PIL import Image
 from anyclass.data.base import LabeledImages
 from anyclass.features.cache import CacheRebuildWarning
 from anyclass.features.extract import Features, extract_features
-
-
-class ToyBackbone:
-    """Satisfies the image half of the backbone protocol: 8x8 downsample, fixed random
-    affine map, tanh, L2 norm. Counts forward calls; can fail or sleep on demand."""
-
-    identity = "toy:affine8"
-    weights_hash = "0123456789abcdef"
-    embed_dim = 16
-    logit_scale = 100.0
-    device = torch.device("cpu")
-
-    def __init__(self, fail_after: int | None = None, sleep: float = 0.0) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.W = torch.randn(3 * 8 * 8, self.embed_dim, generator=g)
-        self.b = torch.randn(self.embed_dim, generator=g)
-        self.calls = 0
-        self.fail_after = fail_after
-        self.sleep = sleep
-
-    def preprocess(self, img: Image.Image) -> torch.Tensor:
-        a = np.asarray(img.convert("RGB").resize((8, 8), Image.Resampling.BILINEAR),
-                       dtype=np.float32) / 255.0
-        return torch.from_numpy(a).permute(2, 0, 1).contiguous()
-
-    def preprocess_id(self) -> str:
-        return "toy:resize8-bilinear"
-
-    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fail_after is not None and self.calls >= self.fail_after:
-            raise KeyboardInterrupt("simulated interruption")
-        self.calls += 1
-        if self.sleep:
-            time.sleep(self.sleep)
-        f = torch.tanh(x.flatten(1) @ self.W + self.b)
-        return f / f.norm(dim=-1, keepdim=True)
+from toys import ToyBackbone
 
 
 def make_images(root, n: int, classes: int = 2, seed: int = 0) -> LabeledImages:
