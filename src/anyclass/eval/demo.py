@@ -14,6 +14,23 @@ from .report import bar_chart, results_table
 from .runner import EvalConfig, run_eval, write_json
 
 
+def evaluate_world(bb, backbone: str, out_dir: Path | None, domains=("colour", "sketch"),
+                   templates: str = "single", tasks=None, log=print) -> list[dict]:
+    """Zero-shot on every world task and domain (one backbone instance for all runs)."""
+    from ..world.build import ensure_world
+    results = []
+    for domain in domains:
+        for task in tasks or ensure_world(progress=False).tasks:
+            res = run_eval(EvalConfig(dataset=f"world:{task}@{domain}", backbone=backbone,
+                                      templates=templates), bb, progress=False)
+            if out_dir is not None:
+                write_json(res, out_dir / f"{task}@{domain}-{templates}.json")
+            results.append(res)
+            log(f"  {task}@{domain} [{templates}]: acc1 {100 * res['metrics']['acc1']:.1f} "
+                f"(chance {100 * res['chance_acc1']:.1f})")
+    return results
+
+
 def run_demo(out: Path, backbone: str = "builtin", domains=("colour", "sketch")) -> Path:
     from ..world.build import ensure_world
     t0 = time.perf_counter()
@@ -39,15 +56,7 @@ def run_demo(out: Path, backbone: str = "builtin", domains=("colour", "sketch"))
         f"{t['class']} ({t['score']:.2f})" for t in r["top"]) for r in rows]
 
     # 2. zero-shot on every task, both domains
-    results = []
-    for domain in domains:
-        for task in world.tasks:
-            res = run_eval(EvalConfig(dataset=f"world:{task}@{domain}", backbone=backbone), bb,
-                           progress=False)
-            write_json(res, out / "results" / f"{task}@{domain}.json")
-            results.append(res)
-            print(f"  {task}@{domain}: acc1 {100 * res['metrics']['acc1']:.1f} "
-                  f"(chance {100 * res['chance_acc1']:.1f})")
+    results = evaluate_world(bb, backbone, out / "results", domains=domains)
     chart = bar_chart(results, out / "zeroshot_acc1.png", title=f"zero-shot acc1, {backbone}")
     report = out / "report.md"
     report.write_text(
