@@ -188,14 +188,15 @@ def test_captions_and_seeds() -> None:
     assert len(set(seeds)) == 6 and max(seeds) < 2 ** 32
 
 
-def test_tiny_training_is_deterministic() -> None:
+@pytest.mark.parametrize("loss", ["bank", "inbatch"])
+def test_tiny_training_is_deterministic(loss: str) -> None:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=g)
     concept_of = torch.arange(48) % 6
     emb = F.normalize(torch.randn(18, 384, generator=g), dim=-1)
     bank = CaptionBank(emb, [[i, i + 6] for i in range(6)], [[i + 12] for i in range(6)])
     tcfg = TrainConfig(model=TINY, epochs=2, batch_size=16, p_wrong=0.2, p_partial=0.3,
-                       p_grey=0.1)
+                       p_grey=0.2, p_lineart=0.2, loss=loss)
     states = []
     for _ in range(2):
         model = _tiny_model(seed=5)

@@ -162,3 +162,14 @@ def test_console_script_runs():
     exe = Path(sys.executable).parent / "anyclass"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "classify" in out.stdout and "eval" in out.stdout
+
+
+def test_demo_writes_report_with_table_and_chart(world, tmp_path, capsys):
+    from anyclass.eval.demo import run_demo
+    report = run_demo(tmp_path / "demo")
+    text = report.read_text()
+    assert "## Free-form classification" in text and "| dataset |" in text
+    for name in world.tasks:
+        assert f"world:{name}@colour" in text and f"world:{name}@sketch" in text
+    assert (tmp_path / "demo" / "zeroshot_acc1.png").stat().st_size > 5000
+    assert len(list((tmp_path / "demo" / "results").glob("*.json"))) == 2 * len(world.tasks)

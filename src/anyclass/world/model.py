@@ -49,6 +49,8 @@ class VisionConfig:
     heads: int = 3
     mlp_ratio: float = 4.0
     stem_channels: tuple[int, ...] = (32, 64, 128)
+    stem_norm: bool = False          # BatchNorm after each stem convolution
+    stem_extra: int = 0              # extra stride-1 3x3 convs per stem stage (from the last)
     embed_dim: int = 384
 
     @property
@@ -119,9 +121,16 @@ class VisionTower(nn.Module):
         self.cfg = cfg
         layers: list[nn.Module] = []
         c_in = 3
-        for c in cfg.stem_channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GELU()]
-            c_in = c
+        n_st = len(cfg.stem_channels)
+        for i, c in enumerate(cfg.stem_channels):
+            extra = 1 if i >= n_st - cfg.stem_extra else 0
+            for j in range(1 + extra):
+                layers.append(nn.Conv2d(c_in, c, 3, stride=2 if j == 0 else 1, padding=1,
+                                        bias=not cfg.stem_norm))
+                if cfg.stem_norm:
+                    layers.append(nn.BatchNorm2d(c))
+                layers.append(nn.GELU())
+                c_in = c
         layers.append(nn.Conv2d(c_in, cfg.width, 1))
         self.stem = nn.Sequential(*layers)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))

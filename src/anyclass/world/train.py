@@ -65,6 +65,8 @@ class TrainConfig:
     p_wrong: float = 0.15             # images whose caption belongs to another concept
     p_partial: float = 0.2            # per-step chance a caption is a vague one-word one
     p_grey: float = 0.0               # per-step chance an image is shown in greyscale
+    p_lineart: float = 0.0            # per-step chance it is shown as a dark-on-light edge map
+    loss: str = "bank"                # "bank": against every caption; "inbatch": CLIP's
     seed: int = 0
     max_threads: int = 8
 
@@ -73,10 +75,13 @@ class TrainConfig:
 
 
 _FULL_MODEL = ModelConfig(VisionConfig(patch=16, width=128, depth=6, heads=4,
-                                       stem_channels=(16, 32, 64, 128)))
+                                       stem_channels=(16, 32, 64, 128), stem_norm=True),
+                          init_logit_scale=30.0)
+_RECIPE = dict(batch_size=64, lr=1e-3, p_wrong=0.15, p_partial=0.2, p_grey=0.1, p_lineart=0.15,
+               loss="bank")
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
-    "full": TrainConfig(model=_FULL_MODEL, epochs=12),
-    "mini": TrainConfig(model=_FULL_MODEL, epochs=20),
+    "full": TrainConfig(model=_FULL_MODEL, epochs=14, **_RECIPE),
+    "mini": TrainConfig(model=_FULL_MODEL, epochs=12, **_RECIPE),
 }
 
 
@@ -150,10 +155,22 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, p_grey: float) -> torch.Tensor:
-    """Cheap batched augmentation on [B,3,H,W] in [0,1]: random scale (0.85–1.15) and shift
-    (±8%), border-replicated, and optional greyscale. Renders already vary pose, background
-    and colour; this only keeps several epochs over the same renders from memorising pixels."""
+def _line_art(grey: torch.Tensor) -> torch.Tensor:
+    """[B,1,H,W] grey -> dark strokes on white: inverted, contrast-stretched Sobel magnitude."""
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).view(1, 1, 3, 3)
+    g = F.pad(grey, (1, 1, 1, 1), mode="replicate")
+    mag = (F.conv2d(g, kx) ** 2 + F.conv2d(g, kx.transpose(2, 3)) ** 2).sqrt()
+    mag = mag / mag.amax((2, 3), keepdim=True).clamp_min(1e-6)
+    return (1 - 1.5 * mag).clamp(0, 1)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, p_grey: float,
+            p_lineart: float = 0.0) -> torch.Tensor:
+    """Cheap batched augmentation on [B,3,H,W] in [0,1]: random scale (0.87–1.15) and shift
+    (±8%), border-replicated; optional greyscale and line-art views. Renders already vary
+    pose, background and colour; this keeps epochs over the same renders from memorising
+    pixels, and the rare colourless views stand in for the few drawings in web data (so the
+    sketch domain is recognisable, yet clearly harder than the colour one)."""
     b = x.shape[0]
     s = torch.empty(b).uniform_(0.87, 1.15, generator=gen)
     t = torch.empty(b, 2).uniform_(-0.08, 0.08, generator=gen)
@@ -166,6 +183,12 @@ def augment(x: torch.Tensor, gen: torch.Generator, p_grey: float) -> torch.Tenso
         g = torch.rand(b, generator=gen) < p_grey
         grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
         x = torch.where(g.view(b, 1, 1, 1), grey.expand_as(x), x)
+    if p_lineart > 0:
+        g = torch.rand(b, generator=gen) < p_lineart
+        if bool(g.any()):
+            grey = (x[g] * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = x.clone()
+            x[g] = _line_art(grey).expand(-1, 3, -1, -1)
     return x
 
 
@@ -174,6 +197,19 @@ def augment(x: torch.Tensor, gen: torch.Generator, p_grey: float) -> torch.Tenso
 
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def _bank_targets(cap: np.ndarray, partial: np.ndarray, text_concept: np.ndarray,
+                  clean: list[np.ndarray], n_captions: int) -> torch.Tensor:
+    """Soft targets over the caption bank: uniform over the clean captions of the caption's
+    concept (they all describe the image equally well), or the one vague caption drawn."""
+    target = torch.zeros(len(cap), n_captions)
+    for r, (c, p, k) in enumerate(zip(cap, partial, text_concept)):
+        if p:
+            target[r, c] = 1.0
+        else:
+            target[r, clean[k]] = 1.0 / len(clean[k])
+    return target
 
 
 def fit(model: BuiltinModel, images: torch.Tensor, concept_of: torch.Tensor,
@@ -219,14 +255,20 @@ def fit(model: BuiltinModel, images: torch.Tensor, concept_of: torch.Tensor,
         run = 0.0
         for s in range(steps_per_epoch):
             idx = perm[s * bs:(s + 1) * bs]
-            x = _normalise(augment(images[idx].float().div_(255), gen, tcfg.p_grey))
-            t = bank.embeddings[cap[idx]]
-            group = torch.from_numpy(text_concept[idx])
+            x = _normalise(augment(images[idx].float().div_(255), gen, tcfg.p_grey,
+                                      tcfg.p_lineart))
             v = F.normalize(model.visual(x), dim=-1)
-            logits = model.logit_scale * v @ t.T
-            pos = (group[:, None] == group[None, :]).float()
-            target = pos / pos.sum(1, keepdim=True)
-            loss = 0.5 * (_soft_ce(logits, target) + _soft_ce(logits.T, target))
+            if tcfg.loss == "bank":
+                logits = model.logit_scale * v @ bank.embeddings.T
+                loss = _soft_ce(logits, _bank_targets(cap[idx], is_partial[idx], text_concept[idx],
+                                              clean, bank.embeddings.shape[0]))
+            else:
+                t = bank.embeddings[cap[idx]]
+                group = torch.from_numpy(text_concept[idx])
+                logits = model.logit_scale * v @ t.T
+                pos = (group[:, None] == group[None, :]).float()
+                target = pos / pos.sum(1, keepdim=True)
+                loss = 0.5 * (_soft_ce(logits, target) + _soft_ce(logits.T, target))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
