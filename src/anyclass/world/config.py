@@ -23,7 +23,9 @@ class WorldConfig:
     def key(self) -> str:
         import hashlib
         import json
-        blob = json.dumps({"v": WORLD_VERSION, **asdict(self)}, sort_keys=True)
+        from .train import TRAIN_VERSION   # the model's recipe is part of what is built
+        blob = json.dumps({"v": WORLD_VERSION, "train": TRAIN_VERSION, **asdict(self)},
+                          sort_keys=True)
         return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
