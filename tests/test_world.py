@@ -175,6 +175,7 @@ def tiny_home(tmp_path, monkeypatch):
         return out_dir
 
     fake.train_builtin_model = train_builtin_model
+    fake.TRAIN_VERSION = "test"
     monkeypatch.setitem(sys.modules, "anyclass.world.train", fake)
     return tmp_path, calls
 
