@@ -43,7 +43,8 @@ class BuiltinPreprocess:
         return (f"builtin|rgb:alpha-over-white|resize=shortest:{self.size}:bicubic|"
                 f"crop=center:{self.size}x{self.size}|to_tensor|mean={f(self.mean)}|std={f(self.std)}")
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def to_uint8(self, img: Image.Image) -> torch.Tensor:
+        """The PIL half (uint8 CHW): what DataLoader workers compute; the rest is batched."""
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -57,8 +58,10 @@ class BuiltinPreprocess:
             img = img.resize((nw, nh), Image.BICUBIC)
             left, top = (nw - self.size) // 2, (nh - self.size) // 2
             img = img.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return (x.float().div_(255) - self.mean) / self.std
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return (self.to_uint8(img).float().div_(255) - self.mean) / self.std
 
     def __repr__(self) -> str:
         return f"BuiltinPreprocess({self.describe()})"

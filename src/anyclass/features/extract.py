@@ -176,31 +176,6 @@ class _TorchvisionFinish:
         return x.to(dtype=self.dtype).div(255).sub_(mean).div_(std)
 
 
-class _BuiltinHead:
-    """The PIL half of backbones.builtin.BuiltinPreprocess (white alpha composite, RGB,
-    shortest side to `size` bicubic, centre crop). Verified against the real preprocess on
-    the first image of every worker (see _SplitTransform)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = int(size)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(bg, rgba)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        w, h = img.size
-        if (w, h) != (self.size, self.size):
-            s = self.size / min(w, h)
-            nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))
-            img = img.resize((nw, nh), Image.BICUBIC)
-            left, top = (nw - self.size) // 2, (nh - self.size) // 2
-            img = img.crop((left, top, left + self.size, top + self.size))
-        return _pil_rgb_to_chw_uint8(img)
-
-
 class _BuiltinFinish:
     """BuiltinPreprocess's tensor half: (x.float().div_(255) - mean) / std."""
 
@@ -220,7 +195,7 @@ def uint8_split(preprocess) -> Uint8Split | None:
         return hook()
     mod = type(preprocess).__module__ or ""
     if type(preprocess).__name__ == "BuiltinPreprocess" and mod.startswith("anyclass."):
-        return Uint8Split(_BuiltinHead(preprocess.size),
+        return Uint8Split(preprocess.to_uint8,
                           _BuiltinFinish(preprocess.mean, preprocess.std))
     ts = getattr(preprocess, "transforms", None)
     if not mod.startswith("torchvision") or not isinstance(ts, (list, tuple)) or len(ts) < 2:
