@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import AnyclassError, SpecError
 from .factory import BACKBONES
-from .hooks import (check_context, check_prompts, chunks, context_starts, deep_prompts, freeze,
+from .hooks import (logit_scale_and_bias, check_context, check_prompts, chunks, context_starts, deep_prompts, freeze,
                     normalized, placeholder_token_id, replace_token_embeddings)
 from .weights import state_dict_hash
 
@@ -155,10 +155,7 @@ class HFClipBackbone:
         self.text_width = int(tcfg.hidden_size)
         self.vision_width = int(vcfg.hidden_size)
         self.vision_layers = len(model.vision_model.encoder.layers)
-        self.logit_scale = float(model.logit_scale.detach().exp().mean())
-        bias = getattr(model, "logit_bias", None)
-        #: additive logit bias (SigLIP's sigmoid loss); 0 for CLIP
-        self.logit_bias = float(bias.detach().mean()) if isinstance(bias, torch.Tensor) else 0.0
+        self.logit_scale, self.logit_bias = logit_scale_and_bias(model)
         self._placeholder_ids: dict[str, int] = {}
         self.device = torch.device("cpu")
         self.to(device)

@@ -185,3 +185,10 @@ def freeze(model: nn.Module) -> nn.Module:
 def chunks(n: int, size: int) -> Iterator[slice]:
     for i in range(0, n, size):
         yield slice(i, min(n, i + size))
+
+
+def logit_scale_and_bias(model: torch.nn.Module) -> tuple[float, float]:
+    """(exp(logit_scale), logit_bias) of a CLIP/SigLIP model; bias 0 where it has none."""
+    bias = getattr(model, "logit_bias", None)
+    return (float(model.logit_scale.detach().exp().mean()),
+            float(bias.detach().mean()) if isinstance(bias, torch.Tensor) else 0.0)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import AnyclassError, SpecError
 from .factory import BACKBONES
-from .hooks import (HookUnsupportedError, check_context, check_prompts, chunks, context_starts,
+from .hooks import (logit_scale_and_bias, HookUnsupportedError, check_context, check_prompts, chunks, context_starts,
                     deep_prompts, freeze, normalized, placeholder_token_id, replace_token_embeddings)
 from .weights import SAFETENSORS_EXT, TORCH_EXT, file_sha256, load_state_dict, state_dict_hash
 
@@ -188,10 +188,7 @@ class OpenClipBackbone:
         vit = self._vit(required=False)
         self.vision_width = int(vit.transformer.width) if vit is not None else 0
         self.vision_layers = len(vit.transformer.resblocks) if vit is not None else 0
-        self.logit_scale = float(model.logit_scale.detach().exp().mean())
-        bias = getattr(model, "logit_bias", None)
-        #: additive logit bias (SigLIP-style models); 0 for CLIP
-        self.logit_bias = float(bias.detach().mean()) if isinstance(bias, torch.Tensor) else 0.0
+        self.logit_scale, self.logit_bias = logit_scale_and_bias(model)
         self._placeholder_ids: dict[str, int] = {}
         self.device = torch.device("cpu")
         self.to(device)
