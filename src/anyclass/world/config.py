@@ -30,7 +30,7 @@ class WorldConfig:
 
 
 CONFIGS = {
-    "full": WorldConfig("full", image_size=64, max_concepts=None, pretrain_per_concept=8,
+    "full": WorldConfig("full", image_size=64, max_concepts=None, pretrain_per_concept=16,
                         train_per_class=16, val_per_class=4, test_per_class=20),
     "mini": WorldConfig("mini", image_size=64, max_concepts=300, pretrain_per_concept=3,
                         train_per_class=16, val_per_class=2, test_per_class=6,

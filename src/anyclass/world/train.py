@@ -80,7 +80,7 @@ _FULL_MODEL = ModelConfig(VisionConfig(patch=16, width=128, depth=6, heads=4,
 _RECIPE = dict(batch_size=64, lr=1e-3, p_wrong=0.15, p_partial=0.2, p_grey=0.1, p_lineart=0.15,
                loss="bank")
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
-    "full": TrainConfig(model=_FULL_MODEL, epochs=18, **_RECIPE),
+    "full": TrainConfig(model=_FULL_MODEL, epochs=10, **_RECIPE),
     "mini": TrainConfig(model=_FULL_MODEL, epochs=12, **_RECIPE),
 }
 
