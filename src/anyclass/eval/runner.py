@@ -5,7 +5,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +113,3 @@ def write_json(obj: dict, path: str | Path) -> Path:
     os.replace(tmp, path)
     return path
 
-
-def config_dict(cfg: EvalConfig) -> dict:
-    return asdict(cfg)
