@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--backbone", default="builtin")
     d.set_defaults(fn=cmd_demo)
+
+    # command groups that live in their own modules (each has add_parser(sub))
+    from . import hub, support
+    support.add_parser(sub)
+    hub.add_parser(sub)
     return p
 
 

@@ -54,6 +54,9 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
     t0 = time.perf_counter()
     # cheap checks first: a typo must not cost a model load (or a world build)
     method = create_method(cfg.method, **cfg.hparams)
+    if getattr(method, "image_level", False):      # runs its own models on images (hub)
+        from .image_level import run_image_eval
+        return run_image_eval(cfg, method, backbone=backbone, progress=progress)
     if method.needs_train and cfg.shots <= 0:
         raise AnyclassError(f"method {cfg.method!r} needs labelled shots: pass --shots K")
     test = load_dataset(cfg.dataset, cfg.split)
