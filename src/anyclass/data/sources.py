@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import warnings
 from functools import partial
@@ -109,7 +110,9 @@ def world_source(arg: str, split: str) -> LabeledImages:
 def folder_source(arg: str, split: str) -> LabeledImages:
     """folder:<dir>: one sub-folder per class (name = class, underscores read as spaces,
     labels in sorted folder-name order). With train/val/test sub-folders, each holds the
-    class folders of that split; without, the folder has one split, "test" (everything)."""
+    class folders of that split; without, the folder has one split, "test" (everything).
+    A <dir>/manifest.json (support sets write one) fixes names and order instead: label i
+    is its classnames[i], read from folder folders[i]."""
     d = os.path.abspath(os.path.expanduser(arg))
     if not os.path.isdir(d):
         raise SpecError(f"folder:{arg}: not a directory")
@@ -125,13 +128,19 @@ def folder_source(arg: str, split: str) -> LabeledImages:
             raise SpecError(f"folder:{arg} has no train/val/test sub-folders, so its only "
                             f"split is 'test' (all images); asked for {split!r}")
         folders, base = top, d
+    manifest = _folder_manifest(d, arg)
+    if manifest is not None:
+        classnames, folders = _manifest_classes(manifest, d, base, folders, arg, split_layout)
     if not folders:
         raise SpecError(f"folder:{arg}: no class sub-folders (expected <dir>/<class>/<image>)")
-    loose = _loose_files(base)
+    loose = [f for f in _loose_files(base) if not (manifest is not None and base == d
+                                                   and f == "manifest.json")]
     if loose:
         warnings.warn(f"folder:{arg}: ignoring {len(loose)} file(s) outside class folders "
                       f"(e.g. {loose[0]})", stacklevel=3)
-    classnames = validate_classnames([f.replace("_", " ") for f in folders], f"folder:{arg}")
+    if manifest is None:
+        classnames = [f.replace("_", " ") for f in folders]
+    classnames = validate_classnames(classnames, f"folder:{arg}")
     paths: list[str] = []
     labels: list[int] = []
     for label, f in enumerate(folders):
@@ -142,8 +151,50 @@ def folder_source(arg: str, split: str) -> LabeledImages:
         paths += files
         labels += [label] * len(files)
     name = f"folder:{d}/{split}" if split_layout else f"folder:{d}"
-    return LabeledImages(name, paths, labels, classnames, "",
-                         {"root": base, "class_folders": folders})
+    meta = {"root": base, "class_folders": folders}
+    if manifest is not None:
+        meta["manifest"] = os.path.join(d, "manifest.json")
+    return LabeledImages(name, paths, labels, classnames, "", meta)
+
+
+def _folder_manifest(d: str, arg: str) -> dict | None:
+    """<dir>/manifest.json (written by `anyclass support build`, or by hand): its
+    "classnames" and "folders" fix the class index, so labels never depend on how folder
+    names sort."""
+    p = os.path.join(d, "manifest.json")
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p, "rb") as f:
+            m = json.loads(_decode(f.read(), p))
+    except ValueError as e:
+        raise SpecError(f"folder:{arg}: manifest.json is not valid JSON ({e})") from None
+    if (not isinstance(m, dict) or not isinstance(m.get("classnames"), list)
+            or not isinstance(m.get("folders", m["classnames"]), list)):
+        raise SpecError(f"folder:{arg}: manifest.json needs a \"classnames\" list (and "
+                        f"optionally \"folders\", one per class, same order)")
+    return m
+
+
+def _manifest_classes(m: dict, d: str, base: str, found: list[str], arg: str,
+                      split_layout: bool) -> tuple[list[str], list[str]]:
+    """(classnames, folders) in manifest order; a class whose folder is missing is an error
+    naming it, a folder the manifest does not list is ignored with a warning."""
+    names = [str(c) for c in m["classnames"]]
+    folders = [str(f) for f in m.get("folders", names)]
+    if len(folders) != len(names):
+        raise SpecError(f"folder:{arg}: manifest.json lists {len(names)} classnames but "
+                        f"{len(folders)} folders")
+    present = set(found)
+    for c, f in zip(names, folders):
+        if f not in present:  # split layout: `found` is the union over the splits
+            raise SpecError(f"folder:{arg}: class {c!r} of manifest.json has no folder "
+                            f"{f!r} in {base if not split_layout else d}")
+    extra = sorted(present - set(folders))
+    if extra:
+        warnings.warn(f"folder:{arg}: ignoring {len(extra)} folder(s) not listed in "
+                      f"manifest.json (e.g. {extra[0]!r})", stacklevel=4)
+    return names, folders
 
 
 # --------------------------------------------------------------------------- csv

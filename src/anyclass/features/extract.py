@@ -326,9 +326,11 @@ class _Encoder:
 
     def __init__(self, backbone: ImageEncoder, device: torch.device,
                  amp_dtype: torch.dtype | None,
-                 finish: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+                 finish: Callable[[torch.Tensor], torch.Tensor] | None,
+                 normalize: bool = True) -> None:
         self.backbone, self.device, self.amp_dtype, self.finish = (backbone, device,
                                                                     amp_dtype, finish)
+        self.normalize = normalize
         self.cuda = device.type == "cuda"
         self.pending: tuple | None = None
 
@@ -346,7 +348,8 @@ class _Encoder:
             else:
                 f = self.backbone.encode_images(x)
             f = f.float()
-            f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # exact unit norm after AMP
+            if self.normalize:
+                f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # exact unit norm after AMP
         return f
 
     def submit(self, x: torch.Tensor, tag) -> list[tuple[np.ndarray, object]]:
@@ -377,7 +380,7 @@ class _Encoder:
 def _run(backbone: ImageEncoder, paths: _PathTable, n: int, dim: int, chunk: int,
          pending: list[int], sink, batch_size: int, num_workers: int | None,
          augment, max_pixels: int, device: torch.device, amp_dtype: torch.dtype | None,
-         progress: bool, desc: str) -> list[BadItem]:
+         progress: bool, desc: str, normalize: bool = True) -> list[BadItem]:
     """Extract the rows of the `pending` chunks into `sink`, chunk by chunk, in order."""
     from tqdm.auto import tqdm
     idx = np.concatenate([np.arange(c * chunk, min(n, (c + 1) * chunk)) for c in pending])
@@ -392,7 +395,7 @@ def _run(backbone: ImageEncoder, paths: _PathTable, n: int, dim: int, chunk: int
         worker_init_fn=(functools.partial(_worker_init, plan.nice) if plan.num_workers
                         else None),
         prefetch_factor=plan.prefetch_factor)
-    encoder = _Encoder(backbone, device, amp_dtype, finish)
+    encoder = _Encoder(backbone, device, amp_dtype, finish, normalize)
     size = {c: min(n, (c + 1) * chunk) - c * chunk for c in pending}
     remaining = dict(size)
     bufs: dict[int, np.ndarray] = {}
@@ -446,13 +449,15 @@ def extract_features(backbone: ImageEncoder, ds: LabeledImages, batch_size: int 
                      num_workers: int | None = None, augment: str | None = None,
                      aug_pass: int = 0, cache: bool = True, progress: bool = True,
                      chunk_size: int = DEFAULT_CHUNK, amp: bool | None = None,
-                     max_pixels: int | None = None) -> Features:
+                     max_pixels: int | None = None, normalize: bool = True) -> Features:
     """Embeddings of every image of `ds` (see Features), cached unless cache=False.
 
     augment="flip_crop" with aug_pass=k gives the k-th seeded augmented view (Tip-Adapter's
     cache model). amp=None: autocast (bf16, else fp16) on CUDA, fp32 elsewhere.
     num_workers=None: chosen by `loader_plan` (device and cores; none for a single batch).
     Unreadable files are skipped with a BadImageWarning naming each, then a count.
+    normalize=False keeps the encoder's raw outputs (expert classifiers' logits); it is part
+    of the cache key only when False, so existing entries keep their keys.
     """
     n = len(ds)
     device = torch.device(getattr(backbone, "device", "cpu"))
@@ -462,12 +467,13 @@ def extract_features(backbone: ImageEncoder, ds: LabeledImages, batch_size: int 
     dim = int(backbone.embed_dim)
     key = feature_key(backbone.identity, backbone.weights_hash, backbone.preprocess_id(),
                       ds.paths, augment, aug_pass,
-                      {"precision": str(amp_dtype or "fp32"), "max_pixels": mp})
+                      {"precision": str(amp_dtype or "fp32"), "max_pixels": mp,
+                       **({} if normalize else {"normalize": False})})
     labels = np.asarray(ds.labels, dtype=np.int64)
     desc = f"features {ds.name}" + (f" [{augment} #{aug_pass}]" if augment else "")
     run_args = dict(batch_size=batch_size, num_workers=num_workers, augment=aug,
                     max_pixels=mp, device=device, amp_dtype=amp_dtype, progress=progress,
-                    desc=desc)
+                    desc=desc, normalize=normalize)
     if n == 0:
         return Features(np.zeros((0, dim), np.float32), labels, np.zeros(0, bool), [], key,
                         list(ds.classnames), [], ds.name)

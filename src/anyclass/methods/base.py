@@ -14,9 +14,16 @@ import torch
 
 @dataclass
 class FeatureSet:
-    """Features [N, D] (normalised) with labels [N] (class indices of the task)."""
+    """Features [N, D] (normalised) with labels [N] (class indices of the task).
+
+    `views` [P, N, D]: optional per-pass augmented features the averaged `features` came
+    from (Tip-Adapter-F trains on one pass per epoch). `classnames`: the task's class names,
+    so methods can name a class in an error.
+    """
     features: torch.Tensor
     labels: torch.Tensor
+    views: torch.Tensor | None = None
+    classnames: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -25,6 +32,10 @@ class FeatureSet:
 class FeatureMethod:
     #: whether `fit` needs a labelled few-shot train set
     needs_train: bool = False
+    #: whether the runner must build a SuS support set (name-only) and pass it as `train`
+    needs_support: bool = False
+    #: whether the method runs its own models on images (eval/image_level.py)
+    image_level: bool = False
 
     def get_params(self) -> dict:
         sig = inspect.signature(type(self).__init__)

@@ -1,0 +1,253 @@
+"""Vectorised hyperparameter search and memory-bounded terms of the cache-model family
+(Tip-Adapter, TIP-X, SuS-X; METHODS.md §1–2).
+
+Symbols: f query features [N, D], F support/cache keys [M, D], L one-hot support labels
+[M, K], W text classifier [D, K], y query labels [N].
+
+    Z = s · f W                                   zero-shot logits
+    A_β L = exp(−β (1 − f Fᵀ)) L                  Tip-Adapter cache term
+    T = −ψ(M) L,  M_ij = KL(s_i ‖ S_j)            TIP-X signature term
+    logits(α, β, γ) = Z + α A_β L + γ T
+
+Why it is fast: Z and T do not depend on (α, β, γ) and A_β L only on β, so the search
+computes A_β L once per β (a few β at a time, within `max_bytes`) and then scores *every*
+(α, γ) pair of that β at once. Scoring is exact and sparse: query i is right at (α, γ) iff
+d_k(α, γ) = ΔZ_k + α ΔA_k + γ ΔT_k > 0 for every other class k (Δ = true class minus k).
+d_k is linear in (α, γ), so its extremes over the grid's bounding box are at the corners;
+classes that can never reach d_k ≤ 0 inside the box are dropped, queries where some class
+wins at every corner are wrong everywhere, and only the remaining (query, class) pairs are
+evaluated over the (α, γ) grid. The result is the same count of correct queries as
+computing every logit and its argmax (up to float rounding at exact ties).
+
+Memory: nothing N×M×K is ever built. The KL matrix is M = rowwise Σ s log s − s (log S)ᵀ, a
+matrix product, computed in row blocks of at most `max_bytes`; for TIP-X only its min/max
+and M L are kept (ψ is affine, so ψ(M) L = a·(M L) + b·1ᵀL). ψ rescales M into the range of
+the affinities f Fᵀ *of the same split* (the reference ranged the test matrix on val).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+DEFAULT_MAX_BYTES = 256 * 2**20   # temporary memory per block (affinities, KL rows, ...)
+
+# The reference grids: n values lo + i·(hi − lo)/n, i < n (hi itself is not reached).
+TIP_ALPHA = (0.1, 50.0, 20)      # Tip-Adapter: α 0.1 … 47.5
+TIP_BETA = (0.1, 50.0, 200)      # Tip-Adapter: β 0.1 … 49.85 (reference ranges per dataset)
+TIPX_ALPHA = (0.1, 50.0, 20)     # TIP-X: α 0.1 … 47.5
+TIPX_BETA = (1.0, 50.0, 200)     # TIP-X: β 1 … 49.8
+TIPX_GAMMA = (0.1, 30.0, 50)     # TIP-X: γ 0.1 … 29.4
+
+
+def grid(spec: Sequence[float] | torch.Tensor, dtype: torch.dtype = torch.float32
+         ) -> torch.Tensor:
+    """(lo, hi, n) → the reference's n-point grid lo + i·(hi − lo)/n; a tensor is used as
+    is (explicit values)."""
+    if isinstance(spec, torch.Tensor):
+        return spec.to(dtype).reshape(-1)
+    if len(spec) != 3 or float(spec[2]) < 1 or not float(spec[2]).is_integer():
+        raise ValueError(f"a search grid is (lo, hi, n) with integer n >= 1, got {spec!r}")
+    lo, hi, n = float(spec[0]), float(spec[1]), int(spec[2])
+    return torch.tensor([lo + i * (hi - lo) / n for i in range(n)], dtype=dtype)
+
+
+def _rows(cols: int, max_bytes: int, itemsize: int = 4, copies: int = 2) -> int:
+    """Rows of a [rows, cols] block (times `copies` live buffers) that fit `max_bytes`."""
+    return max(1, int(max_bytes) // max(1, cols * itemsize * copies))
+
+
+def one_hot(labels: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels.long(), k).to(dtype)
+
+
+# ------------------------------------------------------------------------- terms
+
+def log_signatures(x: torch.Tensor, W: torch.Tensor, tau: float) -> torch.Tensor:
+    """log softmax(x W / τ): TIP-X's image-text signatures (τ on raw cosines, no scale)."""
+    return torch.log_softmax(x @ W.to(x.dtype) / tau, dim=-1)
+
+
+def kl_matrix(s_log: torch.Tensor, S_log: torch.Tensor,
+              max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    """M_ij = KL(s_i ‖ S_j) = Σ_k s_ik log s_ik − s_i · log S_j, for log-probabilities
+    s_log [N, K], S_log [M, K] → [N, M]; one matrix product per block of rows, every row
+    filled (the reference left rows past its last full batch at zero)."""
+    n, m = s_log.shape[0], S_log.shape[0]
+    out = torch.empty(n, m, dtype=s_log.dtype, device=s_log.device)
+    St = S_log.T.contiguous()
+    step = _rows(m, max_bytes, s_log.element_size(), 1)
+    for a in range(0, n, step):
+        sl = s_log[a:a + step]
+        s = sl.exp()
+        neg_ent = (s * sl).sum(1, keepdim=True)                    # Σ_k s log s
+        torch.addmm(neg_ent, s, St, beta=1, alpha=-1, out=out[a:a + step])
+    return out
+
+
+def kl_label_term(s_log: torch.Tensor, S_log: torch.Tensor, L: torch.Tensor,
+                  max_bytes: int = DEFAULT_MAX_BYTES
+                  ) -> tuple[torch.Tensor, float, float]:
+    """(M L [N, K], min M, max M) with M = kl_matrix(s_log, S_log) built block by block:
+    peak temporary memory is one [rows, M] block ≤ max_bytes, never N×M."""
+    n, m = s_log.shape[0], S_log.shape[0]
+    St = S_log.T.contiguous()
+    L = L.to(s_log.dtype)
+    ML = torch.empty(n, L.shape[1], dtype=s_log.dtype, device=s_log.device)
+    lo, hi = float("inf"), float("-inf")
+    step = _rows(m, max_bytes, s_log.element_size(), 1)
+    for a in range(0, n, step):
+        sl = s_log[a:a + step]
+        s = sl.exp()
+        blk = torch.addmm((s * sl).sum(1, keepdim=True), s, St, beta=1, alpha=-1)
+        lo, hi = min(lo, float(blk.min())), max(hi, float(blk.max()))
+        ML[a:a + step] = blk @ L
+        del blk
+    return ML, lo, hi
+
+
+def affinity_range(f: torch.Tensor, F: torch.Tensor,
+                   max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[float, float]:
+    """(min, max) of f Fᵀ, block by block."""
+    lo, hi = float("inf"), float("-inf")
+    step = _rows(F.shape[0], max_bytes, f.element_size(), 1)
+    Ft = F.T.to(f.dtype)
+    for a in range(0, f.shape[0], step):
+        blk = f[a:a + step] @ Ft
+        lo, hi = min(lo, float(blk.min())), max(hi, float(blk.max()))
+    return lo, hi
+
+
+def psi_affine(m_lo: float, m_hi: float, a_lo: float, a_hi: float) -> tuple[float, float]:
+    """ψ(M) = scale·M + shift: min-max rescale of M into [a_lo, a_hi]. A constant M maps
+    to a_lo (no information, and no division by zero)."""
+    if m_hi <= m_lo:
+        return 0.0, a_lo
+    scale = (a_hi - a_lo) / (m_hi - m_lo)
+    return scale, a_lo - scale * m_lo
+
+
+def psi(Mx: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
+    """ψ on materialised matrices (tests, small inputs): rescale Mx into aff's range."""
+    scale, shift = psi_affine(float(Mx.min()), float(Mx.max()), float(aff.min()),
+                              float(aff.max()))
+    return Mx * scale + shift
+
+
+def kl_term(f: torch.Tensor, F: torch.Tensor, W: torch.Tensor, L: torch.Tensor,
+            tau: float = 0.5, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    """T = −ψ(M) L [N, K], ψ ranged on this split's own M and f Fᵀ (memory-bounded)."""
+    ML, m_lo, m_hi = kl_label_term(log_signatures(f, W, tau), log_signatures(F, W, tau),
+                                   L, max_bytes)
+    a_lo, a_hi = affinity_range(f, F, max_bytes)
+    scale, shift = psi_affine(m_lo, m_hi, a_lo, a_hi)
+    return -(scale * ML + shift * L.to(ML.dtype).sum(0))
+
+
+def cache_term(f: torch.Tensor, F: torch.Tensor, L: torch.Tensor, beta: float,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    """A_β L = exp(−β (1 − f Fᵀ)) L [N, K], block by block."""
+    Ft, L = F.T.to(f.dtype), L.to(f.dtype)
+    out = torch.empty(f.shape[0], L.shape[1], dtype=f.dtype, device=f.device)
+    step = _rows(F.shape[0], max_bytes, f.element_size(), 1)
+    for a in range(0, f.shape[0], step):
+        out[a:a + step] = torch.exp(-beta * (1 - f[a:a + step] @ Ft)) @ L
+    return out
+
+
+# ------------------------------------------------------------------------- search
+
+@dataclass
+class SearchResult:
+    alpha: float
+    beta: float
+    gamma: float
+    acc: float                    # fraction of the search split that is right at the pick
+    correct: torch.Tensor = field(repr=False)   # [nα, nβ, nγ] counts of right queries
+    alphas: torch.Tensor = field(repr=False)
+    betas: torch.Tensor = field(repr=False)
+    gammas: torch.Tensor = field(repr=False)
+
+    def as_dict(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
+                "search_acc": self.acc,
+                "grid": [len(self.alphas), len(self.betas), len(self.gammas)]}
+
+
+def _count_correct(dZ: torch.Tensor, dC: torch.Tensor, dT: torch.Tensor | None,
+                   alphas: torch.Tensor, gammas: torch.Tensor, max_bytes: int
+                   ) -> torch.Tensor:
+    """Rows of margins dX = X[:, y] − X (own class: dZ = +inf) → [rows, nα·nγ] bool:
+    is the row right at (α, γ)? Exact, evaluating only pairs that can flip inside the box."""
+    r = dZ.shape[0]
+    na, ng = len(alphas), len(gammas)
+    a_lo, a_hi = float(alphas.min()), float(alphas.max())
+    lo = dZ + torch.minimum(dC * a_lo, dC * a_hi)
+    hi = dZ + torch.maximum(dC * a_lo, dC * a_hi)
+    if dT is not None:
+        g_lo, g_hi = float(gammas.min()), float(gammas.max())
+        lo = lo + torch.minimum(dT * g_lo, dT * g_hi)
+        hi = hi + torch.maximum(dT * g_lo, dT * g_hi)
+    always_wrong = (hi <= 0).any(1)                      # a class wins at every corner
+    ii, kk = ((lo <= 0) & ~always_wrong[:, None]).nonzero(as_tuple=True)
+    wrong = torch.zeros(r, na * ng, dtype=dZ.dtype, device=dZ.device)
+    step = _rows(na * ng, max_bytes, dZ.element_size(), 2)
+    for a in range(0, len(ii), step):
+        i, k = ii[a:a + step], kk[a:a + step]
+        v = dZ[i, k, None, None] + dC[i, k, None, None] * alphas[None, :, None]
+        if dT is not None:
+            v = v + dT[i, k, None, None] * gammas[None, None, :]
+        else:
+            v = v.expand(-1, -1, ng)
+        wrong.index_add_(0, i, (v <= 0).reshape(len(i), -1).to(wrong.dtype))
+    return (wrong == 0) & ~always_wrong[:, None]
+
+
+def search_grid(Z: torch.Tensor, f: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
+                labels: torch.Tensor, alphas, betas, gammas=(0.0, 0.0, 1),
+                T: torch.Tensor | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                order: str = "abg") -> SearchResult:
+    """Accuracy of Z + α A_β L + γ T at every grid point on (f, labels); the best point.
+
+    Ties go to the first point in `order` ("abg": α outermost, then β, then γ — the TIP-X
+    reference's loop nest; "bag": Tip-Adapter's β-then-α), as a strict `>` loop would.
+    Memory: blocks of rows × β values within `max_bytes`; nothing N×M×K.
+    """
+    dt = Z.dtype
+    alphas, betas, gammas = grid(alphas, dt), grid(betas, dt), grid(gammas, dt)
+    if T is None:
+        gammas = torch.zeros(1, dtype=dt)
+    n, m = f.shape[0], F.shape[0]
+    y = labels.long().to(Z.device)
+    Ft, L = F.T.to(dt), L.to(dt)
+    correct = torch.zeros(len(betas), len(alphas) * len(gammas), dtype=torch.long)
+    rows = _rows(m, max_bytes, Z.element_size(), 2)
+    for a in range(0, n, rows):
+        sl = slice(a, a + rows)
+        yc = y[sl, None]
+        dZ = Z[sl].gather(1, yc) - Z[sl]
+        dZ.scatter_(1, yc, float("inf"))                   # the true class never competes
+        dT = None if T is None else T[sl].gather(1, yc) - T[sl]
+        aff1 = f[sl].to(dt) @ Ft - 1                       # fFᵀ − 1, once per row block
+        nb = max(1, int(max_bytes) // max(1, aff1.numel() * aff1.element_size()))
+        for b in range(0, len(betas), nb):
+            bs = betas[b:b + nb]
+            C = torch.exp(bs[:, None, None] * aff1) @ L    # A_β L for nb β at once
+            dC = C.gather(2, yc.expand(len(bs), -1, 1)) - C
+            rz = dZ.repeat(len(bs), 1)
+            rt = None if dT is None else dT.repeat(len(bs), 1)
+            ok = _count_correct(rz, dC.reshape(-1, C.shape[2]), rt, alphas, gammas, max_bytes)
+            correct[b:b + len(bs)] += ok.reshape(len(bs), -1, ok.shape[1]).sum(1)
+    cube = correct.reshape(len(betas), len(alphas), len(gammas)).permute(1, 0, 2)  # α,β,γ
+    axes = {"a": 0, "b": 1, "g": 2}
+    perm = [axes[c] for c in order]
+    flat = cube.permute(*perm).reshape(-1)
+    best = int(torch.argmax(flat))                      # first maximum in `order`
+    idx = torch.unravel_index(torch.tensor(best), tuple(cube.permute(*perm).shape))
+    pos = [0, 0, 0]
+    for p, i in zip(perm, idx):
+        pos[p] = int(i)
+    ia, ib, ig = pos
+    return SearchResult(float(alphas[ia]), float(betas[ib]), float(gammas[ig]),
+                        float(cube[ia, ib, ig]) / max(1, n), cube, alphas, betas, gammas)
