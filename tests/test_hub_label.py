@@ -204,14 +204,10 @@ def test_killed_labeller_is_taken_over(hub):
     """A labeller killed with SIGKILL leaves a 'running' claim: the next run takes it over
     (its pid is dead) and computes it."""
     store, g, ids = hub
-    ctx = mp.get_context("fork")
-
-    def victim():
-        label_models(HubStore(store.path), model_ids=[ids[0]], shard_size=2, progress=False,
-                     expert_factory=Factory(sleep=30))
-    p = ctx.Process(target=victim)
+    ctx = mp.get_context("spawn")   # fork + torch's OpenMP pool can hang the child
+    p = ctx.Process(target=_victim, args=(str(store.path), ids[0]))
     p.start()
-    for _ in range(200):
+    for _ in range(600):
         if any(s.status == "running" for s in store.shards(ids[0], g.hash())):
             break
         time.sleep(0.05)
@@ -222,6 +218,11 @@ def test_killed_labeller_is_taken_over(hub):
     assert rep.assembled == [ids[0]] and rep.computed[ids[0]] == 3
 
 
+def _victim(path, mid):
+    label_models(HubStore(path), model_ids=[mid], shard_size=2, progress=False,
+                 expert_factory=Factory(sleep=30))
+
+
 def _labeller(path, mid, q):
     rep = label_models(HubStore(path), model_ids=[mid], shard_size=1, progress=False,
                        expert_factory=Factory(sleep=0.1))
@@ -230,7 +231,7 @@ def _labeller(path, mid, q):
 
 def test_two_processes_share_one_model(hub):
     store, g, ids = hub
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_labeller, args=(str(store.path), ids[1], q)) for _ in range(2)]
     for p in procs:

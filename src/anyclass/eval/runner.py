@@ -39,13 +39,74 @@ class EvalConfig:
     batch_size: int = 128
     num_workers: int | None = None
     device: str | None = None
+    # support sets (methods with needs_support, e.g. sus-x): built from the class names only
+    pool: str | None = None          # image pool spec; None = the dataset's default (world:pool)
+    support_per_class: int = 16
+    support_strategy: str = "retrieval"
+    support_prompts: str = "photo"
+    augment: str = "flip_crop"       # augmentation of the cache passes (augment_passes > 0)
 
 
-def _featureset(feats) -> FeatureSet:
+#: train splits up to this size are extracted whole per augmented pass (one cache entry per
+#: pass, shared by every shots/seed); larger ones only their few-shot sample (ImageNet-size
+#: train splits would otherwise cost 10 full extractions).
+AUG_FULL_SPLIT_MAX = 50_000
+
+
+def _featureset(feats, classnames: list[str] | None = None) -> FeatureSet:
     """Valid rows only (unreadable images were warned about and are not scored)."""
     valid = np.asarray(feats.valid, dtype=bool)
     return FeatureSet(torch.from_numpy(np.array(feats.features[valid], dtype=np.float32)),
-                      torch.from_numpy(np.asarray(feats.labels)[valid].astype(np.int64)))
+                      torch.from_numpy(np.asarray(feats.labels)[valid].astype(np.int64)),
+                      classnames=classnames)
+
+
+def _augmented_train(backbone, full, idx: list[int], passes: int, augment: str,
+                     ext: dict) -> FeatureSet:
+    """Tip-Adapter's cache keys: the sample's features over `passes` seeded augmented
+    passes, averaged and re-normalised; the passes are kept as `views`. An image unreadable
+    in any pass is dropped (it was warned about)."""
+    # canonical row order (sorted paths): the augmentation of an image is seeded by its row,
+    # so it must not depend on class order or listing order
+    whole = len(full) <= AUG_FULL_SPLIT_MAX
+    rows_of = np.asarray(idx if not whole else range(len(full)), dtype=np.int64)
+    order = rows_of[np.argsort(np.asarray([full.paths[i] for i in rows_of], dtype=object),
+                               kind="stable")]
+    canon = full.subset(order.tolist())
+    pos = np.empty(len(full), dtype=np.int64)
+    pos[order] = np.arange(len(order))
+    rows = pos[np.asarray(idx, dtype=np.int64)].tolist()
+    per = [extract_features(backbone, canon, augment=augment, aug_pass=p, **ext).subset(rows)
+           for p in range(passes)]
+    valid = np.logical_and.reduce([np.asarray(x.valid, dtype=bool) for x in per])
+    views = torch.stack([torch.from_numpy(np.array(x.features[valid], dtype=np.float32))
+                         for x in per])                               # [P, N, D]
+    mean = views.mean(0)
+    feats = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    labels = torch.from_numpy(np.asarray(per[0].labels)[valid].astype(np.int64))
+    return FeatureSet(feats, labels, views, list(full.classnames))
+
+
+def _support_set(cfg: EvalConfig, backbone, classnames: list[str], desc, ext: dict,
+                 progress: bool) -> tuple[FeatureSet, dict]:
+    """SuS: a support set built from the class names only (anyclass.support), as `train`."""
+    from ..support import build_support, default_pool
+    pool = cfg.pool or default_pool(cfg.dataset)
+    if pool is None:
+        raise AnyclassError(f"method {cfg.method!r} builds a support set from the class "
+                            f"names and needs an image pool for {cfg.dataset!r} "
+                            f"(folder:DIR, list:FILE or wds:DIR)")
+    sus = build_support(backbone, classnames, pool=pool, strategy=cfg.support_strategy,
+                        prompts=cfg.support_prompts, descriptions=desc,
+                        per_class=cfg.support_per_class, seed=cfg.seed, progress=progress)
+    if list(sus.dataset.classnames) != list(classnames):
+        raise AnyclassError(f"support set {sus.root} has classes in another order or other "
+                            f"classes than the task")
+    support = _featureset(extract_features(backbone, sus.dataset, **ext), list(classnames))
+    info = {"root": str(sus.root), "pool": pool, "strategy": cfg.support_strategy,
+            "prompts": cfg.support_prompts, "per_class": cfg.support_per_class,
+            "counts": dict(sus.counts), "images": len(support)}
+    return support, info
 
 
 def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
@@ -65,29 +126,46 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
     backbone = backbone or create_backbone(cfg.backbone, cfg.device)
     ext = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=progress)
 
+    params = method.get_params()
+    if "seed" in params and "seed" not in cfg.hparams:
+        method.set_params(seed=cfg.seed)
+    passes = int(params.get("augment_passes") or 0)
+
     t_feat = time.perf_counter()
     test_f = extract_features(backbone, test, **ext)
+    templates = get_templates(cfg.templates, test.meta.get("dataset"), test.meta.get("templates"))
+    desc = load_descriptions(cfg.cupl, test.classnames) if cfg.cupl else None
     train = val = None
-    if cfg.shots > 0:
+    support_info = None
+    if method.needs_support:
+        # name-only: no labelled image of the task, neither train nor val
+        train, support_info = _support_set(cfg, backbone, list(test.classnames), desc, ext,
+                                           progress)
+    elif cfg.shots > 0:
         # extract the whole train split once (one cache entry for every shots/seed), then pick
         full = load_dataset(cfg.dataset, "train")
         fs = sample_few_shot(full, cfg.shots, cfg.seed)
-        train = _featureset(extract_features(backbone, full, **ext).subset(fs.meta["source_indices"]))
+        idx = fs.meta["source_indices"]
+        if passes > 0 and method.needs_train:
+            train = _augmented_train(backbone, full, idx, passes, cfg.augment, ext)
+        else:
+            train = _featureset(extract_features(backbone, full, **ext).subset(idx),
+                                list(full.classnames))
         try:
             val_ds = load_dataset(cfg.dataset, "val")
         except AnyclassError:
             val_ds = None
         if val_ds is not None and len(val_ds):
-            val = _featureset(extract_features(backbone, val_ds, **ext))
+            val = _featureset(extract_features(backbone, val_ds, **ext), list(val_ds.classnames))
     t_feat = time.perf_counter() - t_feat
 
-    templates = get_templates(cfg.templates, test.meta.get("dataset"), test.meta.get("templates"))
-    desc = load_descriptions(cfg.cupl, test.classnames) if cfg.cupl else None
     W = build_text_classifier(backbone, test.classnames, templates, desc,
                               with_templates=not (desc and cfg.cupl_mode == "alone"))
-    if "logit_scale" not in cfg.hparams and "logit_scale" in method.get_params():
+    if "logit_scale" not in cfg.hparams and "logit_scale" in params:
         method.set_params(logit_scale=float(backbone.logit_scale))
+    t_fit = time.perf_counter()
     method.fit(W, train=train, val=val)
+    t_fit = time.perf_counter() - t_fit
     ts = _featureset(test_f)
     with torch.no_grad():
         logits = method.predict_logits(ts.features.to(W.device))
@@ -97,11 +175,15 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
         "shots": cfg.shots, "seed": cfg.seed, "metrics": metrics,
         "split": cfg.split, "templates": cfg.templates, "cupl": cfg.cupl,
         "hparams": {k: v for k, v in method.get_params().items()},
+        "chosen": getattr(method, "chosen_", None),
+        **({"support": support_info} if support_info is not None else {}),
+        "train_images": 0 if train is None else len(train),
+        "val_images": 0 if val is None else len(val),
         "num_classes": len(test.classnames), "num_images": int(len(ts)),
         "skipped_images": int(len(test) - len(ts)),
         "chance_acc1": 1.0 / len(test.classnames),
         "backbone_identity": backbone.identity, "anyclass_version": __version__,
-        "timings_s": {"features": round(t_feat, 3), "total": round(time.perf_counter() - t0, 3)},
+        "timings_s": {"features": round(t_feat, 3), "fit": round(t_fit, 3), "total": round(time.perf_counter() - t0, 3)},
     }
 
 

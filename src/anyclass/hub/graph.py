@@ -70,10 +70,12 @@ def resolve_synset(ref: str, wn: Any | None = None) -> Any:
     wn = wn or get_wordnet()
     ref = str(ref).strip()
     try:
-        if _WNID.match(ref):
-            return wn.synset_from_pos_and_offset("n", int(ref[1:]))
-        if _SYNSET.match(ref):
-            return wn.synset(ref)
+        with warnings.catch_warnings():   # nltk warns (and returns None) on unknown offsets
+            warnings.simplefilter("ignore")
+            syn = (wn.synset_from_pos_and_offset("n", int(ref[1:])) if _WNID.match(ref) else
+                   wn.synset(ref) if _SYNSET.match(ref) else None)
+        if syn is not None:
+            return syn
     except Exception:  # nltk raises WordNetError / ValueError for unknown ones
         pass
     raise GraphError(f"not a WordNet noun synset: {ref!r} (expected e.g. 'dog.n.01' or "

@@ -215,9 +215,10 @@ def search_grid(Z: torch.Tensor, f: torch.Tensor, F: torch.Tensor, L: torch.Tens
     Memory: blocks of rows × β values within `max_bytes`; nothing N×M×K.
     """
     dt = Z.dtype
-    alphas, betas, gammas = grid(alphas, dt), grid(betas, dt), grid(gammas, dt)
     if T is None:
-        gammas = torch.zeros(1, dtype=dt)
+        gammas = torch.zeros(1, dtype=torch.float64)
+    exact = [grid(g, torch.float64) for g in (alphas, betas, gammas)]   # reported values
+    alphas, betas, gammas = (g.to(dt) for g in exact)
     n, m = f.shape[0], F.shape[0]
     y = labels.long().to(Z.device)
     Ft, L = F.T.to(dt), L.to(dt)
@@ -249,5 +250,5 @@ def search_grid(Z: torch.Tensor, f: torch.Tensor, F: torch.Tensor, L: torch.Tens
     for p, i in zip(perm, idx):
         pos[p] = int(i)
     ia, ib, ig = pos
-    return SearchResult(float(alphas[ia]), float(betas[ib]), float(gammas[ig]),
-                        float(cube[ia, ib, ig]) / max(1, n), cube, alphas, betas, gammas)
+    return SearchResult(float(exact[0][ia]), float(exact[1][ib]), float(exact[2][ig]),
+                        float(cube[ia, ib, ig]) / max(1, n), cube, *exact)

@@ -90,7 +90,8 @@ class TipAdapter(FeatureMethod):
         self.values_ = one_hot(train.labels, W.shape[1]).to(W.device)  # L [M, K]
 
     def _axis(self, fixed, spec) -> torch.Tensor:
-        return torch.tensor([float(fixed)]) if fixed is not None else grid(spec)
+        return (torch.tensor([float(fixed)], dtype=torch.float64) if fixed is not None
+                else grid(spec, torch.float64))
 
     def _search_tip(self, val: FeatureSet | None, keys: torch.Tensor) -> None:
         if self.alpha is not None and self.beta is not None:

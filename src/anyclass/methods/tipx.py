@@ -26,6 +26,7 @@ on the target dataset's labelled val split instead.
 from __future__ import annotations
 
 import warnings
+import zlib
 
 import torch
 
@@ -94,10 +95,10 @@ def holdout_split(support: FeatureSet, num_classes: int, fraction: float, seed: 
                   ) -> tuple[FeatureSet, FeatureSet]:
     """Per class, hold out round(fraction · n_c) of its support images (at least one, and
     never all: a class with one image keeps it in the cache and is not searched on, with a
-    warning naming it). Seeded, independent of row order within a class."""
+    warning naming it). Seeded per class by (seed, class name), so the split of a class does
+    not depend on the order of the classes (or on the other classes)."""
     if not 0 < fraction < 1:
         raise AnyclassError(f"sus-x: holdout must be in (0, 1), got {fraction}")
-    g = torch.Generator().manual_seed(int(seed))
     lab = support.labels.long()
     keep, held, lonely = [], [], []
     for k in range(num_classes):
@@ -108,6 +109,8 @@ def holdout_split(support: FeatureSet, num_classes: int, fraction: float, seed: 
             keep.append(idx)
             continue
         h = min(n - 1, max(1, round(fraction * n)))
+        cname = support.classnames[k] if support.classnames else str(k)
+        g = torch.Generator().manual_seed(zlib.crc32(f"{int(seed)}:{cname}".encode()))
         perm = idx[torch.randperm(n, generator=g)]
         held.append(perm[:h])
         keep.append(perm[h:])

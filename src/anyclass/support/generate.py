@@ -45,10 +45,15 @@ def load_generator(path: str | os.PathLike, device: str | None = None):
         raise AnyclassError("generation needs the optional extra: pip install "
                             "'anyclass[generation]' (diffusers)") from None
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if str(dev).startswith("cuda") else torch.float32
+    kw = {}
+    if str(dev).startswith("cuda"):  # fp16 on GPUs, as SD is usually run; fp32 on CPU
+        try:  # diffusers renamed torch_dtype to dtype (the old name warns)
+            from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+            kw["dtype"] = torch.float16
+        except ImportError:
+            kw["torch_dtype"] = torch.float16
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(root), local_files_only=True,
-                                                 torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(root), local_files_only=True, **kw)
     except Exception as e:  # noqa: BLE001 - diffusers raises many types; one line for users
         raise AnyclassError(f"generator {root}: cannot load ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None

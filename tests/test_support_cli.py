@@ -1,0 +1,32 @@
+"""`anyclass support build|index` end to end on the mini world's pool (built-in model)."""
+from __future__ import annotations
+
+import json
+
+from anyclass.cli.main import main
+
+
+def test_support_build_cli_on_the_world_pool(mini_world, tmp_path, capsys):
+    out = tmp_path / "sus"
+    argv = ["support", "build", "--classes", "dog, cat ,car", "--pool", "world:pool",
+            "--per-class", "4", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "dog" in text and "built 12 images in 3 classes" in text and str(out) in text
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["classnames"] == ["dog", "cat", "car"] and m["pool"] == "world:pool"
+    assert m["backbone"].startswith("builtin") and len(m["items"]) == 12
+    assert len(set(m["sources"])) == 12                      # de-duplicated
+    assert all("/pool/colour/" in s for s in m["sources"])    # unlabelled pool only
+    assert main(argv) == 0
+    assert "reused 12 images" in capsys.readouterr().out
+    assert main(["support", "index", "--pool", "world:pool", "--quiet"]) == 0
+    assert "readable" in capsys.readouterr().out
+
+
+def test_support_build_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["support", "build", "--classes", "a,b", "--quiet"]) == 2
+    assert "retrieval needs a pool" in capsys.readouterr().err
+    assert main(["support", "build", "--classes", "a,b", "--strategy", "generation",
+                 "--quiet"]) == 2
+    assert "--generator DIR" in capsys.readouterr().err
