@@ -302,3 +302,24 @@ def test_ray_matches_in_process(hub, tmp_path):
         cp.unregister_pickle_by_value(sys.modules[__name__])
     assert rep.computed == {ids[0]: 3} and rep.assembled == [ids[0]]
     np.testing.assert_array_equal(store.label_matrix(ids[0], propagated=False), local)
+
+
+@pytest.mark.slow
+def test_world_expert_end_to_end(mini_world, tmp_path):
+    """A real offline-world expert: add by spec (heads carry synsets), graph from its heads,
+    world images, label; each head scores higher on its own node than elsewhere."""
+    from anyclass.hub.graph import build_graph
+    from anyclass.world.experts import ensure_world_experts
+    spec = next(s for s in ensure_world_experts(mini_world, progress=False) if "food" in s)
+    store = HubStore(tmp_path / "hub.sqlite")
+    mid = store.add_expert(spec)
+    heads = store.heads(mid)
+    assert heads and all(h.synset for h in heads)
+    g = build_graph(store.head_synsets(), descendant_depth=0)
+    g.attach_world_images(mini_world, per_node=4, per_concept=2, domains=("colour",))
+    store.save_graph(g)
+    rep = label_models(store, progress=False)
+    assert rep.assembled == [mid]
+    lab = store.labels(propagated=False)
+    own = np.array([lab.scores[r, g.index[g.canonical(s)]] for r, s in enumerate(lab.head_synsets)])
+    assert np.nanmean(own) > 2 * np.nanmean(lab.scores)

@@ -28,6 +28,7 @@ import random
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -82,6 +83,17 @@ def resolve_synset(ref: str, wn: Any | None = None) -> Any:
                      "'n02084071')")
 
 
+@lru_cache(maxsize=None)
+def canonical_synset(ref: str) -> str | None:
+    """WordNet's own name for a synset given by name or wnid, None when unknown. nltk accepts
+    a lemma's sense name for its synset ("shamrock.n.01" is white_clover.n.01), so names from
+    elsewhere are canonicalised before they are used as node keys."""
+    try:
+        return resolve_synset(ref).name()
+    except GraphError:
+        return None
+
+
 def _parents(syn: Any) -> list[Any]:
     return syn.hypernyms() + syn.instance_hypernyms()
 
@@ -122,10 +134,23 @@ class SemanticGraph:
 
     def node(self, ref: str) -> Node:
         """A node by synset name or wnid."""
-        name = self._by_wnid.get(ref, ref)
-        if name not in self.nodes:
+        name = self.canonical(ref)
+        if name is None:
             raise GraphError(f"{ref!r} is not a node of this graph")
         return self.nodes[name]
+
+    def canonical(self, ref: str | None) -> str | None:
+        """The node key for a synset name (any sense name WordNet accepts) or wnid; None when
+        it is not in the graph."""
+        if ref is None:
+            return None
+        name = self._by_wnid.get(ref, ref)
+        if name in self.nodes:
+            return name
+        if not _SYNSET.match(str(ref)):
+            return None
+        name = canonical_synset(ref)
+        return name if name in self.nodes else None
 
     @property
     def roots(self) -> list[str]:
@@ -202,9 +227,10 @@ class SemanticGraph:
         direct: dict[str, list[str]] = {}
         todo = {d: [] for d in domains}
         for c in world.concepts:
-            if c.synset is None or c.synset not in self.nodes:
+            node = self.canonical(c.synset)
+            if node is None:
                 continue
-            paths = direct.setdefault(c.synset, [])
+            paths = direct.setdefault(node, [])
             for k in range(per_concept):          # domains interleaved per draw index
                 for d in domains:
                     p = base / d / f"{c.id}_{k:03d}.png"

@@ -114,7 +114,8 @@ def propagate(raw: np.ndarray, graph: Any, head_nodes: Sequence[str | None],
             np.maximum(U[v], up * U[children[v]].max(0), out=U[v])
     allowed = np.zeros_like(U, dtype=bool)                               # v under head h's synset
     for h, s in enumerate(head_nodes):
-        if s is not None and s in idx:
+        s = graph.canonical(s)
+        if s is not None:
             allowed[idx[s], h] = True
             allowed[[idx[d] for d in graph.descendants(s)], h] = True
     P = U
@@ -215,7 +216,7 @@ def label_models(store: HubStore, model_ids: Sequence[int] | None = None,
         if unknown:
             raise HubError(f"no expert model(s) {unknown} in hub {store.path}")
     missing_syn = {x.synset for m in models for x in store.heads(m.id)
-                   if x.synset and x.synset not in graph}
+                   if x.synset and graph.canonical(x.synset) is None}
     if missing_syn:
         warnings.warn(f"{len(missing_syn)} head synset(s) are not in the hub graph (refresh it "
                       f"with refresh_graph / `anyclass hub init`): "

@@ -341,6 +341,13 @@ class HubStore:
             expert = create_expert(spec)
         names = list(expert.head_names)
         syn = list(expert.head_synsets) if expert.head_synsets else [None] * len(names)
+        from .graph import canonical_synset
+        invalid = [s for s in syn if s is not None and canonical_synset(s) is None]
+        if invalid:
+            warnings.warn(f"{spec}: {len(invalid)} head synset(s) unknown to WordNet, mapped "
+                          f"from the head names instead: {', '.join(invalid[:10])}",
+                          stacklevel=2)
+        syn = [canonical_synset(s) if s is not None else None for s in syn]
         conf = [1.0 if s else 0.0 for s in syn]
         how = ["model" if s else "none" for s in syn]
         todo = [i for i, s in enumerate(syn) if s is None]

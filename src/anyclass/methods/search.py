@@ -175,33 +175,74 @@ class SearchResult:
                 "grid": [len(self.alphas), len(self.betas), len(self.gammas)]}
 
 
+def _intervals(e: torch.Tensor, dV: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row r is right at grid value v iff e_k + v·dV_k > 0 for every class k it competes
+    with (e: margins with the other hyperparameters fixed). Each k bounds v from one side
+    (−e_k/dV_k), so the right values form an open interval (lower, upper): returned as grid
+    index range [start, end) and ok (non-empty, no class with dV_k = 0 and e_k <= 0).
+    e, dV: [..., C] broadcastable; v: [nv] ascending."""
+    pos, neg = dV > 0, dV < 0
+    ratio = -e / dV                                    # where dV == 0: masked out below
+    lower = torch.where(pos, ratio, float("-inf")).amax(-1)
+    upper = torch.where(neg, ratio, float("inf")).amin(-1)
+    bad = (~pos & ~neg & (e <= 0)).any(-1)
+    start = torch.searchsorted(v, lower.contiguous(), right=True)   # first v > lower
+    end = torch.searchsorted(v, upper.contiguous(), right=False)    # first v >= upper
+    return start, end, ~bad & (start < end)
+
+
 def _count_correct(dZ: torch.Tensor, dC: torch.Tensor, dT: torch.Tensor | None,
-                   alphas: torch.Tensor, gammas: torch.Tensor, max_bytes: int
-                   ) -> torch.Tensor:
-    """Rows of margins dX = X[:, y] − X (own class: dZ = +inf) → [rows, nα·nγ] bool:
-    is the row right at (α, γ)? Exact, evaluating only pairs that can flip inside the box."""
-    r = dZ.shape[0]
-    na, ng = len(alphas), len(gammas)
-    a_lo, a_hi = float(alphas.min()), float(alphas.max())
-    lo = dZ + torch.minimum(dC * a_lo, dC * a_hi)
-    hi = dZ + torch.maximum(dC * a_lo, dC * a_hi)
-    if dT is not None:
-        g_lo, g_hi = float(gammas.min()), float(gammas.max())
-        lo = lo + torch.minimum(dT * g_lo, dT * g_hi)
-        hi = hi + torch.maximum(dT * g_lo, dT * g_hi)
-    always_wrong = (hi <= 0).any(1)                      # a class wins at every corner
-    ii, kk = ((lo <= 0) & ~always_wrong[:, None]).nonzero(as_tuple=True)
-    wrong = torch.zeros(r, na * ng, dtype=dZ.dtype, device=dZ.device)
-    step = _rows(na * ng, max_bytes, dZ.element_size(), 2)
-    for a in range(0, len(ii), step):
-        i, k = ii[a:a + step], kk[a:a + step]
-        v = dZ[i, k, None, None] + dC[i, k, None, None] * alphas[None, :, None]
-        if dT is not None:
-            v = v + dT[i, k, None, None] * gammas[None, None, :]
-        else:
-            v = v.expand(-1, -1, ng)
-        wrong.index_add_(0, i, (v <= 0).reshape(len(i), -1).to(wrong.dtype))
-    return (wrong == 0) & ~always_wrong[:, None]
+                   alphas: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+    """Right rows per (β, α, γ) [nb, nα, nγ] for one block of rows: margins dX = X[:, y] − X
+    (own class: dZ = +inf), dZ/dT [rows, K], dC [nb, rows, K]; α, γ ascending.
+
+    Exact and sparse. The margin to class k, d_k = dZ_k + α dC_k + γ dT_k, is linear in
+    (α, γ), so its extremes over the grid's box are at the corners: a class that cannot
+    reach d_k <= 0 inside the box never matters (most classes, for most rows); a row where
+    some class wins at every corner is wrong everywhere. For the rest, only their candidate
+    classes are gathered (rows bucketed by candidate count), the smaller of the α/γ axes is
+    enumerated and the other solved as an interval per row (_intervals)."""
+    nb, r, k = dC.shape
+    if dT is None:                                     # Tip-Adapter: only α (γ = 0)
+        u, dU, v, dV, swap = gammas, torch.zeros_like(dZ), alphas, dC, True
+    elif len(alphas) <= len(gammas):
+        u, dU, v, dV, swap = alphas, dC, gammas, dT, False
+    else:
+        u, dU, v, dV, swap = gammas, dT, alphas, dC, True
+    dU, dV = dU.expand(nb, r, k), dV.expand(nb, r, k)
+    ul, uh, vl, vh = float(u[0]), float(u[-1]), float(v[0]), float(v[-1])
+    lo = dZ + torch.minimum(dU * ul, dU * uh) + torch.minimum(dV * vl, dV * vh)
+    hi = dZ + torch.maximum(dU * ul, dU * uh) + torch.maximum(dV * vl, dV * vh)
+    always_wrong = (hi <= 0).any(-1)                   # [nb, r]
+    cnt = (lo <= 0).sum(-1)
+    cnt[always_wrong] = -1
+    nu, nv = len(u), len(v)
+    out = (cnt == 0).sum(1)[:, None, None].expand(nb, nu, nv).clone()   # right everywhere
+    bi, ri = torch.nonzero(cnt > 0, as_tuple=True)
+    if len(bi):
+        c_of = cnt[bi, ri]
+        diff = torch.zeros(nb * nu, nv + 1, dtype=torch.long, device=dZ.device)
+        uidx = torch.arange(nu, device=dZ.device)
+        c = 1
+        while True:
+            sel = (c_of > c // 2) & (c_of <= c) if c > 1 else c_of == 1
+            if sel.any():
+                b_, r_ = bi[sel], ri[sel]
+                idx = torch.topk(lo[b_, r_], min(c, k), dim=1, largest=False).indices  # [S, c]
+                z = dZ[r_].gather(1, idx)
+                uu, vv = dU[b_, r_].gather(1, idx), dV[b_, r_].gather(1, idx)
+                e = z[:, None, :] + u[None, :, None] * uu[:, None, :]          # [S, nu, c]
+                start, end, ok = _intervals(e, vv[:, None, :], v)               # [S, nu]
+                grp = (b_[:, None] * nu + uidx[None, :]).reshape(-1)
+                okl = ok.long().reshape(-1)
+                diff.index_put_((grp, start.reshape(-1)), okl, accumulate=True)
+                diff.index_put_((grp, end.reshape(-1)), -okl, accumulate=True)
+            if c >= int(c_of.max()):
+                break
+            c *= 2
+        out += diff.cumsum(1)[:, :nv].reshape(nb, nu, nv)
+    return out.transpose(1, 2) if swap else out
 
 
 def search_grid(Z: torch.Tensor, f: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
@@ -222,8 +263,14 @@ def search_grid(Z: torch.Tensor, f: torch.Tensor, F: torch.Tensor, L: torch.Tens
     n, m = f.shape[0], F.shape[0]
     y = labels.long().to(Z.device)
     Ft, L = F.T.to(dt), L.to(dt)
-    correct = torch.zeros(len(betas), len(alphas) * len(gammas), dtype=torch.long)
-    rows = _rows(m, max_bytes, Z.element_size(), 2)
+    # grids ascending for the interval counting; counts are mapped back to the given order
+    ao, go = torch.argsort(alphas), torch.argsort(gammas)
+    a_s, g_s = alphas[ao], gammas[go]
+    k = Z.shape[1]
+    enum = 1 if T is None else min(len(alphas), len(gammas))
+    per_row = Z.element_size() * (2 * m + 6 * k * enum)     # affinities + margin blocks
+    rows = max(1, int(max_bytes) // per_row)
+    correct = torch.zeros(len(betas), len(alphas), len(gammas), dtype=torch.long)
     for a in range(0, n, rows):
         sl = slice(a, a + rows)
         yc = y[sl, None]
@@ -231,16 +278,16 @@ def search_grid(Z: torch.Tensor, f: torch.Tensor, F: torch.Tensor, L: torch.Tens
         dZ.scatter_(1, yc, float("inf"))                   # the true class never competes
         dT = None if T is None else T[sl].gather(1, yc) - T[sl]
         aff1 = f[sl].to(dt) @ Ft - 1                       # fFᵀ − 1, once per row block
-        nb = max(1, int(max_bytes) // max(1, aff1.numel() * aff1.element_size()))
+        r = aff1.shape[0]
+        nb = max(1, int(max_bytes) // (Z.element_size() * r * (m + 6 * k * enum)))
         for b in range(0, len(betas), nb):
             bs = betas[b:b + nb]
             C = torch.exp(bs[:, None, None] * aff1) @ L    # A_β L for nb β at once
             dC = C.gather(2, yc.expand(len(bs), -1, 1)) - C
-            rz = dZ.repeat(len(bs), 1)
-            rt = None if dT is None else dT.repeat(len(bs), 1)
-            ok = _count_correct(rz, dC.reshape(-1, C.shape[2]), rt, alphas, gammas, max_bytes)
-            correct[b:b + len(bs)] += ok.reshape(len(bs), -1, ok.shape[1]).sum(1)
-    cube = correct.reshape(len(betas), len(alphas), len(gammas)).permute(1, 0, 2)  # α,β,γ
+            correct[b:b + len(bs)] += _count_correct(dZ, dC, dT, a_s, g_s)
+    inv_a, inv_g = torch.argsort(ao), torch.argsort(go)
+    correct = correct[:, inv_a][:, :, inv_g]
+    cube = correct.permute(1, 0, 2)                                         # α, β, γ
     axes = {"a": 0, "b": 1, "g": 2}
     perm = [axes[c] for c in order]
     flat = cube.permute(*perm).reshape(-1)

@@ -130,7 +130,7 @@ class PoolIndex:
                 index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist,
                                            faiss.METRIC_INNER_PRODUCT)
                 rng = np.random.default_rng(0)
-                train = x[rng.choice(len(x), min(len(x), 256 * nlist), replace=False)]
+                train = x[rng.choice(len(x), min(len(x), 64 * nlist), replace=False)]  # FAISS wants >= 39/list
                 index.train(train)
                 index.add(x)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
