@@ -297,3 +297,21 @@ def test_folder_source_takes_the_manifest_class_order(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(SpecError, match="class 'date' of manifest.json has no folder"):
             load_dataset(f"folder:{d}")
+
+
+def test_cupl_queries_average_the_sentences(tmp_path, home):
+    from anyclass.support.retrieve import class_queries
+    bb = ColourVLM()
+    q = class_queries(bb, [["a red apple.", "red paint."], ["green grass."]])
+    e = bb.encode_texts(["a red apple.", "red paint.", "green grass."]).numpy()
+    ref = np.stack([e[0] + e[1], e[2]])
+    np.testing.assert_allclose(q, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-6)
+    _pool_dir(tmp_path / "pool", per_colour=3)
+    desc = tmp_path / "desc.json"
+    desc.write_text(json.dumps({"Red": ["a red apple."], "green": ["green grass.", "x green"]}))
+    s = build_support(bb, ["red", "green"], pool=f"folder:{tmp_path / 'pool'}", per_class=3,
+                      prompts="cupl", descriptions=str(desc), progress=False)
+    assert s.counts == {"red": 3, "green": 3} and s.manifest["prompts"] == "cupl"
+    with pytest.raises(AnyclassError, match="'blue'"):
+        build_support(bb, ["red", "blue"], pool=f"folder:{tmp_path / 'pool'}",
+                      prompts="cupl", descriptions=str(desc), progress=False)

@@ -15,9 +15,11 @@ computes A_β L once per β (a few β at a time, within `max_bytes`) and then sc
 d_k(α, γ) = ΔZ_k + α ΔA_k + γ ΔT_k > 0 for every other class k (Δ = true class minus k).
 d_k is linear in (α, γ), so its extremes over the grid's bounding box are at the corners;
 classes that can never reach d_k ≤ 0 inside the box are dropped, queries where some class
-wins at every corner are wrong everywhere, and only the remaining (query, class) pairs are
-evaluated over the (α, γ) grid. The result is the same count of correct queries as
-computing every logit and its argmax (up to float rounding at exact ties).
+wins at every corner are wrong everywhere. For the remaining queries and their candidate
+classes, each value of the smaller axis (α) leaves an interval of right values on the other
+(γ), counted on the grid with searchsorted and a difference array. The result is the same
+count of right queries as computing every logit matrix and its argmax (up to float
+rounding at exact ties).
 
 Memory: nothing N×M×K is ever built. The KL matrix is M = rowwise Σ s log s − s (log S)ᵀ, a
 matrix product, computed in row blocks of at most `max_bytes`; for TIP-X only its min/max

@@ -6,9 +6,13 @@ cache key (backbone identity + weights hash, preprocess, file list with sizes an
 So a pool is embedded once per backbone and every later task only runs text queries.
 
 Search is exact by default: one matmul per chunk of pool rows, a running top-k merged across
-chunks (memory ~ queries x chunk). With faiss installed and a pool of at least
-`faiss_threshold` rows, FAISS answers instead: IndexFlatIP (exact, same top-k as the matmul)
-below `ivf_threshold`, IVF-Flat (approximate, `nprobe` lists visited) above it.
+chunks (memory ~ queries x chunk; the cached features stay memory-mapped). FAISS (when
+installed) answers for pools of at least `faiss_threshold` readable rows: IndexFlatIP
+(exact, the same top-k as the matmul) below `ivf_threshold`, IVF-Flat (approximate,
+`nprobe` of 4*sqrt(N) lists visited, trained once and cached on disk) from it. Measured on
+2 CPU cores (docs/benchmarks.md) a flat FAISS index is no faster than the matmul (both are
+one BLAS product) and needs the whole pool in RAM, so "auto" only turns to FAISS where IVF
+pays: from 1M images.
 """
 from __future__ import annotations
 
@@ -26,9 +30,9 @@ from .pools import Pool
 log = logging.getLogger("anyclass.support")
 
 #: pools at least this large go to FAISS when it is installed ("auto")
-FAISS_THRESHOLD = 100_000
+FAISS_THRESHOLD = 1_000_000
 #: FAISS pools at least this large use an IVF index (approximate) instead of a flat one
-IVF_THRESHOLD = 2_000_000
+IVF_THRESHOLD = 1_000_000
 EXACT_CHUNK = 65_536
 
 
@@ -79,7 +83,7 @@ class PoolIndex:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     faiss_threshold: int = FAISS_THRESHOLD
     ivf_threshold: int = IVF_THRESHOLD
-    nprobe: int = 32
+    nprobe: int = 64
     _faiss: object = field(default=None, repr=False)
     _faiss_rows: np.ndarray | None = field(default=None, repr=False)
     _faiss_how: str = field(default="", repr=False)
@@ -130,7 +134,8 @@ class PoolIndex:
                 index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist,
                                            faiss.METRIC_INNER_PRODUCT)
                 rng = np.random.default_rng(0)
-                train = x[rng.choice(len(x), min(len(x), 64 * nlist), replace=False)]  # FAISS wants >= 39/list
+                # k-means on a sample: FAISS wants >= 39 points per list
+                train = x[rng.choice(len(x), min(len(x), 64 * nlist), replace=False)]
                 index.train(train)
                 index.add(x)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
