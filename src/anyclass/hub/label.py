@@ -199,14 +199,17 @@ def label_models(store: HubStore, model_ids: Sequence[int] | None = None,
                  progress: bool = True, *, expert_factory: ExpertFactory | None = None,
                  batch_size: int = 128, stale_after: float = 300.0, heartbeat: float = 30.0,
                  up: float = UP_DISCOUNT, down: float = DOWN_DISCOUNT, wait: bool = True,
-                 poll: float = 0.5, force: bool = False) -> LabelReport:
+                 poll: float = 0.5, force: bool = False, torch_threads: int | None = None
+                 ) -> LabelReport:
     """Label the hub's expert models on the current graph (all of them by default).
 
     Resumable: finished shards are kept; a killed run's claims are taken over (dead pid on
     this host at once, otherwise after `stale_after` s without heartbeat). Several processes
     may run this on the same models: each shard is computed once. `wait`: when the only
     shards left are held by another live labeller, wait for them and assemble (so the call
-    returns with every requested model labelled). `force`: relabel labelled models."""
+    returns with every requested model labelled). `force`: relabel labelled models.
+    `torch_threads`: torch's intra-op threads while labelling in-process (restored after);
+    1 is much faster for small experts on a busy CPU (Ray tasks always use 1)."""
     factory = expert_factory or _default_factory
     graph = store.load_graph()
     gh = graph.hash()
@@ -240,6 +243,10 @@ def label_models(store: HubStore, model_ids: Sequence[int] | None = None,
         total = sum(len(store.shards(m.id, gh)) for m in todo)
         done = sum(s.status == "done" for m in todo for s in store.shards(m.id, gh))
         bar = tqdm(total=total, initial=done, desc="hub label", unit="shard")
+    import torch
+    threads_before = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(int(torch_threads))
     try:
         with _Heartbeat(store, owner, heartbeat):
             if ray_address:
@@ -268,6 +275,7 @@ def label_models(store: HubStore, model_ids: Sequence[int] | None = None,
         store.release_shards(owner)
         raise
     finally:
+        torch.set_num_threads(threads_before)
         if bar is not None:
             bar.close()
     return report
