@@ -145,8 +145,11 @@ def main() -> None:
     ap.add_argument("--loop-betas", type=int, default=12)
     ap.add_argument("--max-bytes", type=int, default=S.DEFAULT_MAX_BYTES)
     ap.add_argument("--kl-mem-child", nargs=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both sides (1: stable timings on a shared machine)")
     ap.add_argument("--json")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     if a.kl_mem_child:
         return kl_memory_child(a.n, a.m, a.k, int(a.kl_mem_child[1]), a.kl_mem_child[0])
 

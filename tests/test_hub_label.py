@@ -27,14 +27,14 @@ class FakeExpert:
     num_params = 1234
 
     def __init__(self, spec: str = "fake:0", fail_after: int | None = None,
-                 sleep: float = 0.0) -> None:
+                 sleep: float = 0.0, log: str | None = None) -> None:
         self.identity = spec
         seed = int(spec.split(":")[1])
         g = torch.Generator().manual_seed(seed)
         self.W = torch.randn(3 * 4 * 4, N_HEADS, generator=g) * 3
         self.head_names = [f"h{i}" for i in range(N_HEADS)]
         self.head_synsets = ["b.n.01", None, "a.n.01", None]
-        self.calls, self.fail_after, self.sleep = 0, fail_after, sleep
+        self.calls, self.fail_after, self.sleep, self.log = 0, fail_after, sleep, log
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         a = np.asarray(img.convert("RGB").resize((4, 4), Image.BILINEAR), np.float32) / 255
@@ -47,6 +47,9 @@ class FakeExpert:
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt("simulated crash")
         self.calls += 1
+        if self.log:                      # one line per forward pass, from any process
+            with open(self.log, "a") as f:
+                f.write(f"{os.getpid()} {len(x)}\n")
         if self.sleep:
             time.sleep(self.sleep)
         return (x.flatten(1) - 0.5) @ self.W
@@ -223,24 +226,28 @@ def _victim(path, mid):
                  expert_factory=Factory(sleep=30))
 
 
-def _labeller(path, mid, q):
+def _labeller(path, mid, q, log):
     rep = label_models(HubStore(path), model_ids=[mid], shard_size=1, progress=False,
-                       expert_factory=Factory(sleep=0.1))
+                       expert_factory=Factory(sleep=0.3, log=log))
     q.put(rep.computed.get(mid, 0))
 
 
-def test_two_processes_share_one_model(hub):
+def test_two_processes_share_one_model(hub, tmp_path):
     store, g, ids = hub
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_labeller, args=(str(store.path), ids[1], q)) for _ in range(2)]
+    log = tmp_path / "forward.log"
+    procs = [ctx.Process(target=_labeller, args=(str(store.path), ids[1], q, str(log)))
+             for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
     counts = [q.get(timeout=5) for _ in procs]
-    assert sum(counts) == len(g)                     # 5 shards of one node: none twice, none lost
+    assert sum(counts) == len(g)                     # 5 shards of one node: none lost
+    # one forward pass per shard with images (a-d; e has none): none computed twice
+    assert len(log.read_text().splitlines()) == 4
     ref = _independent_raw(FakeExpert("fake:2"), g)
     np.testing.assert_allclose(store.label_matrix(ids[1], propagated=False), ref[0], atol=1e-5)
 

@@ -171,6 +171,7 @@ def test_shard_claims_and_corrupt_shard_reset(tmp_path):
     assert (a.shard, b.shard) == (0, 1)
     assert s.complete_shard(a, np.zeros((2, 2, 4)), "me")
     assert not s.complete_shard(b, np.zeros((2, 2, 4)), "me")   # not my claim: dropped
+    assert len(list(s.arrays_dir.rglob("*.npy"))) == 1          # ... and its file removed
     c = s.claim_shard(mid, "g1", "me")
     assert c.shard == 2
     assert s.claim_shard(mid, "g1", "me") is None          # b, c are held by live claims

@@ -5,17 +5,20 @@ Order of attempts, each with a confidence in [0, 1] and a `how`:
    checked against WordNet when loaded (an invalid synset is an error naming it).
 2. `exact` — the whole name is a WordNet noun lemma (plurals via morphy): one noun sense →
    confidence 0.95.
-3. `head_noun` — no lemma for the whole name: the part before "of/with/in/on/for", then
+3. `head_noun` — no lemma for the whole name: the part before a preposition ("of", "with",
+   "behind", ...) or before a participle that follows a noun ("person lifting weights"), then
    modifiers dropped from the left until a lemma remains ("red apple" → apple,
    "bottle of wine" → bottle); one sense → 0.75.
 4. several senses (after 2 or 3) → `+context`: disambiguation by text similarity, with the
    frozen MiniLM sentence tower of the offline world (world/textenc.py, embeddings cached on
    disk). The query is the name plus, when `context`, the mean embedding of its sibling class
    names in the task (so "mouse" among keyboard/monitor picks the device, among cat/hamster
-   the rodent); each candidate is "lemma: definition". Score = cosine + a small prior for
-   depictable senses (animals, artifacts, food, ... — images show things) and for WordNet's
-   most frequent sense, a penalty for instances (named individuals); confidence = softmax(score/τ) of the winner × the step's base
-   (0.9 exact, 0.7 head noun), the runners-up in `alternatives`.
+   the rodent; weight 1.5 on the siblings' normalised mean); each candidate sense is
+   "lemma (a kind of <hypernym>): definition". Score = cosine + small priors for depictable
+   senses (animals, artifacts, food, ...: images show things) and for WordNet's most frequent
+   sense, minus a penalty for instances (named individuals: Hart Crane is not a class);
+   confidence = softmax(score/τ) of the winner × the step's base (0.9 exact, 0.7 head noun),
+   runners-up in `alternatives`. `how` ends in "+context" (siblings used) or "+gloss".
 Names nothing matches get synset None, how "none", confidence 0, and one warning lists them:
 reported, never dropped.
 """
@@ -44,7 +47,8 @@ PRIOR_FREQUENT = 0.04
 PENALTY_INSTANCE = 0.1
 _DEPICTABLE = {"noun.animal", "noun.artifact", "noun.food", "noun.plant", "noun.object",
                "noun.person", "noun.body", "noun.phenomenon", "noun.shape", "noun.substance"}
-_PREPS = (" of ", " with ", " in ", " on ", " for ", " from ", ", ")
+_PREPS = (" of ", " with ", " without ", " in ", " on ", " at ", " for ", " from ", " behind ",
+          " under ", " over ", " and ", ", ")
 
 
 class MappingError(AnyclassError, ValueError):
@@ -132,10 +136,16 @@ def _senses(wn: Any, phrase: str) -> list[Any]:
 def _head_noun(wn: Any, phrase: str) -> tuple[str, list[Any]]:
     """(head phrase, its senses) for a phrase WordNet lacks as a whole."""
     parts = [phrase]
-    for sep in _PREPS:
-        if sep in phrase:
-            parts.insert(0, phrase.split(sep)[0].strip())
-            break
+    cuts = [phrase.index(sep) for sep in _PREPS if sep in phrase]
+    words = phrase.split()
+    # "person lifting weights" → person: the words before a participle, when they are a noun
+    ing = next((i for i, w in enumerate(words) if i > 0 and w.endswith("ing")
+                and not words[i - 1].endswith("ing") and _senses(wn, " ".join(words[:i]))),
+               None)
+    if ing is not None:
+        cuts.append(len(" ".join(words[:ing])))
+    if cuts:
+        parts.insert(0, phrase[:min(cuts)].strip())
     for part in parts:
         words = part.split()
         for i in range(1 if part == phrase else 0, len(words)):

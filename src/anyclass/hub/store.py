@@ -530,7 +530,9 @@ class HubStore:
                       "WHERE owner=? AND status='running'", (owner or owner_id(),))
 
     def shard_file(self, model_id: int, graph_hash: str, shard: int) -> str:
-        return f"shards/m{model_id}-{graph_hash}/s{shard:05d}.npy"
+        """A fresh file name per attempt: a taken-over claim's late write can never clobber
+        the file the winner recorded."""
+        return f"shards/m{model_id}-{graph_hash}/s{shard:05d}-{os.urandom(4).hex()}.npy"
 
     def complete_shard(self, info: ShardInfo, arr: np.ndarray, owner: str | None = None,
                        seconds: float = 0.0, n_images: int = 0) -> bool:
@@ -545,10 +547,17 @@ class HubStore:
                 "heartbeat=? WHERE model_id=? AND graph_hash=? AND shard=? AND owner=? AND "
                 "status='running'", (rel, digest, float(seconds), int(n_images), time.time(),
                                      info.model_id, info.graph_hash, info.shard, owner))
-            return cur.rowcount == 1
+            ok = cur.rowcount == 1
+        if not ok:
+            self._abs(rel).unlink(missing_ok=True)
+        return ok
 
     def reset_shard(self, model_id: int, graph_hash: str, shard: int) -> None:
         with self.transaction() as t:
+            row = t.execute("SELECT file FROM shards WHERE model_id=? AND graph_hash=? AND "
+                            "shard=?", (model_id, graph_hash, shard)).fetchone()
+            if row and row[0]:
+                self._abs(row[0]).unlink(missing_ok=True)
             t.execute("UPDATE shards SET status='pending', owner=NULL, pid=NULL, heartbeat=NULL, "
                       "file=NULL, sha256=NULL WHERE model_id=? AND graph_hash=? AND shard=?",
                       (model_id, graph_hash, shard))

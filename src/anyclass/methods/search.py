@@ -231,9 +231,17 @@ def _count_correct(dZ: torch.Tensor, dC: torch.Tensor, dT: torch.Tensor | None,
             sel = (c_of > c // 2) & (c_of <= c) if c > 1 else c_of == 1
             if sel.any():
                 b_, r_ = bi[sel], ri[sel]
-                idx = torch.topk(lo[b_, r_], min(c, k), dim=1, largest=False).indices  # [S, c]
-                z = dZ[r_].gather(1, idx)
-                uu, vv = dU[b_, r_].gather(1, idx), dV[b_, r_].gather(1, idx)
+                # compact each row's candidate classes into c slots; padding slots carry
+                # e = +inf, dV = 0: no constraint
+                cand = lo[b_, r_] <= 0                                          # [S, K]
+                si, ki = cand.nonzero(as_tuple=True)
+                slot = cand.cumsum(1)[si, ki] - 1
+                z = torch.full((len(b_), c), float("inf"), dtype=dZ.dtype)
+                uu = torch.zeros(len(b_), c, dtype=dZ.dtype)
+                vv = torch.zeros(len(b_), c, dtype=dZ.dtype)
+                z[si, slot] = dZ[r_[si], ki]
+                uu[si, slot] = dU[b_[si], r_[si], ki]
+                vv[si, slot] = dV[b_[si], r_[si], ki]
                 e = z[:, None, :] + u[None, :, None] * uu[:, None, :]          # [S, nu, c]
                 start, end, ok = _intervals(e, vv[:, None, :], v)               # [S, nu]
                 grp = (b_[:, None] * nu + uidx[None, :]).reshape(-1)
@@ -269,9 +277,16 @@ def search_grid(Z: torch.Tensor, f: torch.Tensor, F: torch.Tensor, L: torch.Tens
     ao, go = torch.argsort(alphas), torch.argsort(gammas)
     a_s, g_s = alphas[ao], gammas[go]
     k = Z.shape[1]
-    enum = 1 if T is None else min(len(alphas), len(gammas))
-    per_row = Z.element_size() * (2 * m + 6 * k * enum)     # affinities + margin blocks
-    rows = max(1, int(max_bytes) // per_row)
+    # A_β L = per-class sums of A's columns: with the support sorted by class in equal
+    # groups (k-shot sets) a reshape-sum, else a product with the one-hot L
+    sup = L.argmax(1)
+    order_s = torch.argsort(sup, stable=True)
+    per_class = torch.bincount(sup, minlength=k)
+    equal = bool((per_class == per_class[0]).all()) and bool((L.sum(1) == 1).all())
+    if equal:
+        Ft = Ft[:, order_s]
+    es = Z.element_size()
+    rows = max(1, int(max_bytes) // (es * (2 * m + 10 * k)))   # affinities + margin blocks
     correct = torch.zeros(len(betas), len(alphas), len(gammas), dtype=torch.long)
     for a in range(0, n, rows):
         sl = slice(a, a + rows)
@@ -281,10 +296,12 @@ def search_grid(Z: torch.Tensor, f: torch.Tensor, F: torch.Tensor, L: torch.Tens
         dT = None if T is None else T[sl].gather(1, yc) - T[sl]
         aff1 = f[sl].to(dt) @ Ft - 1                       # fFᵀ − 1, once per row block
         r = aff1.shape[0]
-        nb = max(1, int(max_bytes) // (Z.element_size() * r * (m + 6 * k * enum)))
+        nb = max(1, min(len(betas), int(max_bytes) // (es * r * (m + 10 * k))))
+        buf = torch.empty(nb, r, m, dtype=dt)              # reused: no fresh pages per β
         for b in range(0, len(betas), nb):
             bs = betas[b:b + nb]
-            C = torch.exp(bs[:, None, None] * aff1) @ L    # A_β L for nb β at once
+            E = torch.mul(aff1, bs[:, None, None], out=buf[:len(bs)]).exp_()
+            C = (E.view(len(bs), r, k, -1).sum(-1) if equal else E @ L)   # A_β L
             dC = C.gather(2, yc.expand(len(bs), -1, 1)) - C
             correct[b:b + len(bs)] += _count_correct(dZ, dC, dT, a_s, g_s)
     inv_a, inv_g = torch.argsort(ao), torch.argsort(go)
