@@ -57,10 +57,8 @@ def run(a) -> None:
     world = ensure_world()
     bb = create_backbone("builtin")
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "results.jsonl"
-    done = set()
-    if path.exists():
-        done = {key(json.loads(x)) for x in path.read_text().splitlines() if x.strip()}
+    path = OUT / a.results
+    done = {key(r) for r in _load()}
     jobs = plan(a.methods, a.seeds)
     t0 = time.perf_counter()
     n = 0
@@ -89,6 +87,12 @@ def run(a) -> None:
     print(f"{n} runs in {time.perf_counter() - t0:.0f} s; {machine()}")
 
 
+def _load() -> list[dict]:
+    """Every finished run (results*.jsonl: parallel runs write separate files)."""
+    return [json.loads(x) for p in sorted(OUT.glob("results*.jsonl"))
+            for x in p.read_text().splitlines() if x.strip()]
+
+
 def _label(m: str, k: int) -> str:
     return m if m in ("zeroshot", "sus-x") else f"{m} {k}-shot"
 
@@ -96,7 +100,7 @@ def _label(m: str, k: int) -> str:
 def report(a) -> None:
     from anyclass.world.build import ensure_world
     world = ensure_world()
-    rows = [json.loads(x) for x in (OUT / "results.jsonl").read_text().splitlines() if x.strip()]
+    rows = _load()
     acc: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         task, _, dom = r["dataset"].removeprefix("world:").partition("@")
@@ -140,6 +144,96 @@ def report(a) -> None:
     print(md)
 
 
+def _paired(rows: list[dict], a: tuple, b: tuple, dom: str) -> dict:
+    """Method a minus method b, paired by (task, seed): mean difference and how many
+    (task, seed) pairs a wins / ties / loses."""
+    idx = {(r["dataset"], r["method"], r["shots"], r["seed"]): 100 * r["metrics"]["acc1"]
+           for r in rows}
+    diffs = []
+    for (ds, m, k, s), v in idx.items():
+        if (m, k) != a or not ds.endswith("@" + dom):
+            continue
+        other = idx.get((ds, b[0], b[1], s if b[0] != "zeroshot" else 0))
+        if other is not None:
+            diffs.append(v - other)
+    if not diffs:
+        return {}
+    return {"mean_diff": round(statistics.mean(diffs), 2), "pairs": len(diffs),
+            "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
+            "losses": sum(d < 0 for d in diffs)}
+
+
+def checks(a) -> None:
+    """The concrete checks behind the analysis in docs/benchmarks.md."""
+    from anyclass.backbones.factory import create_backbone
+    from anyclass.eval.runner import EvalConfig, run_eval
+    from anyclass.world.build import ensure_world
+    world = ensure_world()
+    rows = _load()
+    out: dict = {"paired": {}}
+    comps = {"tip-adapter 16 - zeroshot": (("tip-adapter", 16), ("zeroshot", 0)),
+             "tip-adapter 1 - zeroshot": (("tip-adapter", 1), ("zeroshot", 0)),
+             "tip-adapter-f 16 - tip-adapter 16": (("tip-adapter-f", 16), ("tip-adapter", 16)),
+             "tip-adapter-f 1 - tip-adapter 1": (("tip-adapter-f", 1), ("tip-adapter", 1)),
+             "tip-x 16 - tip-adapter 16": (("tip-x", 16), ("tip-adapter", 16)),
+             "sus-x - zeroshot": (("sus-x", 0), ("zeroshot", 0))}
+    for name, (x, y) in comps.items():
+        out["paired"][name] = {d: _paired(rows, x, y, d) for d in DOMAINS}
+    # what the searches chose
+    chosen: dict = defaultdict(list)
+    for r in rows:
+        c = r.get("chosen") or {}
+        dom = r["dataset"].rpartition("@")[2]
+        if r["method"] == "tip-adapter-f":
+            chosen[("tip-f epoch", dom)].append(c.get("epoch"))
+        if r["method"] == "tip-x":
+            chosen[("tip-x gamma", dom)].append(c.get("gamma"))
+        if r["method"] == "sus-x":
+            chosen[("sus-x held-out support acc", dom)].append(100 * c.get("val_acc", 0))
+            chosen[("sus-x test acc", dom)].append(100 * r["metrics"]["acc1"])
+            chosen[("sus-x gamma", dom)].append(c.get("gamma"))
+            chosen[("sus-x alpha", dom)].append(c.get("alpha"))
+    out["chosen"] = {f"{k[0]} ({k[1]})": {"median": statistics.median(v), "min": min(v),
+                                          "max": max(v), "n": len(v)}
+                     for k, v in chosen.items() if v and None not in v}
+    # SuS retrieval precision: which concept each pool image shows (analysis only: the
+    # pool's render plan; the method never sees it)
+    from anyclass.world import pool as wpool
+    from anyclass.world.tasks import get_tasks
+    per = wpool.PER_CONCEPT.get(world.cfg.name, 8)
+    concept_of = {name: c.id for c, _, name in wpool._plan(world, per)}
+    prec: dict = {}
+    for r in rows:
+        if r["method"] != "sus-x" or r["seed"] != 1 or "support" not in r:
+            continue
+        m = json.loads((Path(r["support"]["root"]) / "manifest.json").read_text())
+        task = r["dataset"].removeprefix("world:").partition("@")[0]
+        cids = get_tasks(world.cfg)[task].concept_ids
+        hits = [concept_of.get(Path(src).name) == cids[lab]
+                for src, (_, lab) in zip(m["sources"], m["items"])]
+        prec[r["dataset"]] = round(100 * sum(hits) / max(1, len(hits)), 1)
+    out["support_precision_pct"] = prec
+    out["pool_renders_per_concept"] = per
+    # flip-crop augmentation vs plain cache features (chiral classes: arrows, hands, clocks)
+    bb = create_backbone("builtin")
+    flip = {}
+    for task in world.tasks:
+        ds = f"world:{task}@colour"
+        res = {}
+        for p in (0, 10):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r = run_eval(EvalConfig(ds, method="tip-adapter", shots=16, seed=1,
+                                        hparams={"augment_passes": p}), backbone=bb,
+                             progress=False)
+            res[p] = round(100 * r["metrics"]["acc1"], 1)
+        flip[task] = res
+        print(task, res, flush=True)
+    out["tip16_colour_augment_passes_0_vs_10"] = flip
+    (OUT / "checks.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -148,9 +242,11 @@ def main() -> None:
                    default=["zeroshot", "tip-adapter", "tip-x", "tip-adapter-f", "sus-x"])
     r.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     r.add_argument("--templates", default="single")
+    r.add_argument("--results", default="results.jsonl", help="file under runs/adaptation/")
     sub.add_parser("report")
+    sub.add_parser("checks")
     a = ap.parse_args()
-    run(a) if a.cmd == "run" else report(a)
+    {"run": run, "report": report, "checks": checks}[a.cmd](a)
 
 
 if __name__ == "__main__":

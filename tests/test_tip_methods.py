@@ -314,3 +314,18 @@ def test_registered():
     for name in ALL:
         assert name in METHODS
     assert METHODS.get("sus-x").needs_support and not METHODS.get("tip-x").needs_support
+
+
+def test_search_with_unequal_class_counts_in_support():
+    """Support with 1..4 images per class (the matmul path, not the reshape-sum one)."""
+    W, tr, va, _ = make_task(12, n_val=50)
+    keep = torch.tensor([i for i in range(len(tr)) if i % 4 < 1 + int(tr.labels[i]) % 4])
+    tr = FeatureSet(tr.features[keep], tr.labels[keep], None, tr.classnames)
+    assert len(set(torch.bincount(tr.labels).tolist())) > 1
+    f, L = va.features, S.one_hot(tr.labels, K, torch.float64)
+    res = S.search_grid(20 * f @ W, f, tr.features, L, va.labels, A_G, B_G, G_G,
+                        T=S.kl_term(f, tr.features, W, L), order="abg")
+    pick, best = loop_search(W, tr, va, 20.0, S.grid(A_G, torch.float64),
+                             S.grid(B_G, torch.float64), S.grid(G_G, torch.float64), True)
+    assert (res.alpha, res.beta, res.gamma) == pytest.approx(pick)
+    assert res.acc * len(va) == best

@@ -139,12 +139,19 @@ def psi(Mx: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
 
 def kl_term(f: torch.Tensor, F: torch.Tensor, W: torch.Tensor, L: torch.Tensor,
             tau: float = 0.5, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
-    """T = −ψ(M) L [N, K], ψ ranged on this split's own M and f Fᵀ (memory-bounded)."""
-    ML, m_lo, m_hi = kl_label_term(log_signatures(f, W, tau), log_signatures(F, W, tau),
-                                   L, max_bytes)
+    """T = −ψ(M) L [N, K], ψ ranged on this split's own M and f Fᵀ (memory-bounded).
+
+    Computed in float64 and returned in f's dtype: M = Σ s log s − s·log S subtracts two
+    terms of size ~log K to get a small divergence, and ψ then stretches M's (small) range
+    to the affinities' range, so float32 here would cost ~1e-3 in T (measured), enough to
+    flip near-ties at large γ."""
+    d = torch.float64
+    ML, m_lo, m_hi = kl_label_term(log_signatures(f.to(d), W.to(d), tau),
+                                   log_signatures(F.to(d), W.to(d), tau), L.to(d),
+                                   max_bytes)
     a_lo, a_hi = affinity_range(f, F, max_bytes)
     scale, shift = psi_affine(m_lo, m_hi, a_lo, a_hi)
-    return -(scale * ML + shift * L.to(ML.dtype).sum(0))
+    return (-(scale * ML + shift * L.to(d).sum(0))).to(f.dtype)
 
 
 def cache_term(f: torch.Tensor, F: torch.Tensor, L: torch.Tensor, beta: float,
