@@ -234,6 +234,52 @@ def checks(a) -> None:
     print(json.dumps(out, indent=1))
 
 
+def oracle(a) -> None:
+    """Headroom check (analysis only, never a reported method): search each method's
+    hyperparameters (and Tip-F's epoch) on the TEST split itself, 16 shots, seed 1. If a
+    method does not beat Tip-Adapter even then, its extra term / fine-tuning carries no
+    information in this world; if it does, the val-based choice is what loses."""
+    import torch
+    from anyclass.backbones.factory import create_backbone
+    from anyclass.data.fewshot import sample_few_shot
+    from anyclass.data.sources import load_dataset
+    from anyclass.eval import runner
+    from anyclass.features.extract import extract_features
+    from anyclass.methods import create_method
+    from anyclass.methods.classifier import build_text_classifier
+    from anyclass.world.build import ensure_world
+    world = ensure_world()
+    bb = create_backbone("builtin")
+    ext = {"batch_size": 128, "progress": False}
+    res: dict = defaultdict(dict)
+    for dom in DOMAINS:
+        for task in world.tasks:
+            ds = f"world:{task}@{dom}"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                test = load_dataset(ds, "test")
+                full = load_dataset(ds, "train")
+                idx = sample_few_shot(full, 16, 1).meta["source_indices"]
+                train = runner._augmented_train(bb, full, idx, 10, "flip_crop", ext)
+                val = runner._featureset(extract_features(bb, load_dataset(ds, "val"), **ext))
+                te = runner._featureset(extract_features(bb, test, **ext))
+            W = build_text_classifier(bb, test.classnames, ["a photo of a {}."])
+            row = {}
+            for m in ("tip-adapter", "tip-adapter-f", "tip-x"):
+                for on, split in (("val", val), ("test", te)):
+                    meth = create_method(m, logit_scale=float(bb.logit_scale)).fit(W, train, split)
+                    with torch.no_grad():
+                        acc = (meth.predict_logits(te.features).argmax(1) == te.labels)
+                    row[f"{m} searched on {on}"] = round(100 * float(acc.float().mean()), 1)
+            res[dom][task] = row
+            print(ds, row, flush=True)
+    means = {dom: {k: round(statistics.mean(r[k] for r in res[dom].values()), 2)
+                   for k in next(iter(res[dom].values()))} for dom in DOMAINS}
+    out = {"per_task": res, "means": means}
+    (OUT / "oracle.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(means, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -245,8 +291,9 @@ def main() -> None:
     r.add_argument("--results", default="results.jsonl", help="file under runs/adaptation/")
     sub.add_parser("report")
     sub.add_parser("checks")
+    sub.add_parser("oracle")
     a = ap.parse_args()
-    {"run": run, "report": report, "checks": checks}[a.cmd](a)
+    {"run": run, "report": report, "checks": checks, "oracle": oracle}[a.cmd](a)
 
 
 if __name__ == "__main__":
