@@ -214,24 +214,36 @@ def checks(a) -> None:
         prec[r["dataset"]] = round(100 * sum(hits) / max(1, len(hits)), 1)
     out["support_precision_pct"] = prec
     out["pool_renders_per_concept"] = per
-    # flip-crop augmentation vs plain cache features (chiral classes: arrows, hands, clocks)
+    # flip-crop augmentation vs plain cache features (chiral classes: moon phases, arrows),
+    # and Tip-F's learning rate, 16 shots, seed 1
     bb = create_backbone("builtin")
-    flip = {}
-    for task in world.tasks:
-        ds = f"world:{task}@colour"
-        res = {}
-        for p in (0, 10):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                r = run_eval(EvalConfig(ds, method="tip-adapter", shots=16, seed=1,
-                                        hparams={"augment_passes": p}), backbone=bb,
-                             progress=False)
-            res[p] = round(100 * r["metrics"]["acc1"], 1)
-        flip[task] = res
-        print(task, res, flush=True)
-    out["tip16_colour_augment_passes_0_vs_10"] = flip
+
+    def acc(ds: str, m: str, **hp) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = run_eval(EvalConfig(ds, method=m, shots=16, seed=1, hparams=hp), backbone=bb,
+                         progress=False)
+        return round(100 * r["metrics"]["acc1"], 1)
+    aug: dict = {}
+    for dom in DOMAINS:
+        for task in world.tasks:
+            ds = f"world:{task}@{dom}"
+            row = {"tip passes 10": acc(ds, "tip-adapter", augment_passes=10),
+                   "tip passes 0": acc(ds, "tip-adapter", augment_passes=0),
+                   "tip-f passes 0 lr 1e-3": acc(ds, "tip-adapter-f", augment_passes=0)}
+            if dom == "sketch":
+                for lr in (1e-4, 1e-5):
+                    row[f"tip-f passes 0 lr {lr:g}"] = acc(ds, "tip-adapter-f",
+                                                           augment_passes=0, lr=lr)
+            aug[ds] = row
+            print(ds, row, flush=True)
+    out["augment_and_lr_16shot_seed1"] = aug
+    out["augment_and_lr_means"] = {
+        dom: {k: round(statistics.mean(v[k] for d, v in aug.items() if d.endswith(dom)), 2)
+              for k in next(v for d, v in aug.items() if d.endswith(dom))}
+        for dom in DOMAINS}
     (OUT / "checks.json").write_text(json.dumps(out, indent=1))
-    print(json.dumps(out, indent=1))
+    print(json.dumps({k: out[k] for k in ("paired", "augment_and_lr_means")}, indent=1))
 
 
 def oracle(a) -> None:
