@@ -173,3 +173,13 @@ def test_demo_writes_report_with_table_and_chart(world, tmp_path, capsys):
         assert f"world:{name}@colour" in text and f"world:{name}@sketch" in text
     assert (tmp_path / "demo" / "zeroshot_acc1.png").stat().st_size > 5000
     assert len(list((tmp_path / "demo" / "results").glob("*.json"))) == 2 * len(world.tasks)
+
+
+def test_eval_support_method_without_pool_or_generator(tmp_path, capsys):
+    from anyclass.cli.main import main
+    (tmp_path / "cat").mkdir()
+    assert main(["eval", "--dataset", f"folder:{tmp_path}", "--method", "sus-x"]) == 2
+    assert "needs an image pool" in capsys.readouterr().err
+    assert main(["eval", "--dataset", f"folder:{tmp_path}", "--method", "sus-x",
+                 "--support-strategy", "generation"]) == 2
+    assert "pass --generator DIR" in capsys.readouterr().err

@@ -52,7 +52,10 @@ def cmd_eval(a) -> int:
     cfg = EvalConfig(dataset=a.dataset, backbone=a.backbone, method=a.method,
                      templates=a.templates, cupl=a.cupl, cupl_mode=a.cupl_mode, shots=a.shots,
                      seed=a.seed, split=a.split, hparams=_hparams(a.hparam),
-                     batch_size=a.batch_size, num_workers=a.workers, device=a.device)
+                     batch_size=a.batch_size, num_workers=a.workers, device=a.device,
+                     pool=a.pool, support_per_class=a.support_per_class,
+                     support_strategy=a.support_strategy, support_prompts=a.support_prompts,
+                     generator=a.generator)
     res = run_eval(cfg)
     m = res["metrics"]
     print(f"{res['dataset']} {res['method']} shots={res['shots']} seed={res['seed']}: "
@@ -123,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=None)
     e.add_argument("--device")
     e.add_argument("--out", help="result JSON path")
+    e.add_argument("--pool", help="support-set methods (sus-x): image pool spec, folder:DIR, "
+                   "list:FILE, wds:SHARDS or world:pool (default for world: datasets)")
+    e.add_argument("--support-per-class", type=int, default=16)
+    e.add_argument("--support-strategy", choices=["retrieval", "generation"], default="retrieval")
+    e.add_argument("--support-prompts", choices=["photo", "cupl"], default="photo")
+    e.add_argument("--generator", help="local diffusers model folder (--support-strategy generation)")
     e.set_defaults(fn=cmd_eval)
 
     w = sub.add_parser("world", help="the offline world: build it, list its tasks")

@@ -44,6 +44,7 @@ class EvalConfig:
     support_per_class: int = 16
     support_strategy: str = "retrieval"
     support_prompts: str = "photo"
+    generator: str | None = None     # local diffusers folder (support_strategy="generation")
     augment: str = "flip_crop"       # augmentation of the cache passes (augment_passes > 0)
 
 
@@ -91,14 +92,12 @@ def _support_set(cfg: EvalConfig, backbone, classnames: list[str], desc, ext: di
                  progress: bool) -> tuple[FeatureSet, dict]:
     """SuS: a support set built from the class names only (anyclass.support), as `train`."""
     from ..support import build_support, default_pool
-    pool = cfg.pool or default_pool(cfg.dataset)
-    if pool is None:
-        raise AnyclassError(f"method {cfg.method!r} builds a support set from the class "
-                            f"names and needs an image pool for {cfg.dataset!r} "
-                            f"(folder:DIR, list:FILE or wds:DIR)")
+    generating = cfg.support_strategy == "generation"
+    pool = cfg.pool or (None if generating else default_pool(cfg.dataset))
     sus = build_support(backbone, classnames, pool=pool, strategy=cfg.support_strategy,
                         prompts=cfg.support_prompts, descriptions=desc,
-                        per_class=cfg.support_per_class, seed=cfg.seed, progress=progress)
+                        per_class=cfg.support_per_class, seed=cfg.seed,
+                        generator=cfg.generator, progress=progress)
     if list(sus.dataset.classnames) != list(classnames):
         raise AnyclassError(f"support set {sus.root} has classes in another order or other "
                             f"classes than the task")
@@ -107,6 +106,19 @@ def _support_set(cfg: EvalConfig, backbone, classnames: list[str], desc, ext: di
             "prompts": cfg.support_prompts, "per_class": cfg.support_per_class,
             "counts": dict(sus.counts), "images": len(support)}
     return support, info
+
+
+def _check_support_source(cfg: EvalConfig) -> None:
+    """A support set needs images from somewhere: a pool to retrieve from or a generator."""
+    from ..support import default_pool
+    if cfg.support_strategy == "generation":
+        if not cfg.generator:
+            raise AnyclassError("support strategy 'generation' needs a local text-to-image "
+                                "model folder: pass --generator DIR")
+    elif not (cfg.pool or default_pool(cfg.dataset)):
+        raise AnyclassError(f"method {cfg.method!r} builds a support set from the class names "
+                            f"and needs an image pool for {cfg.dataset!r}: pass --pool "
+                            f"folder:DIR, list:FILE or wds:SHARDS")
 
 
 def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
@@ -120,6 +132,8 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
         return run_image_eval(cfg, method, backbone=backbone, progress=progress)
     if method.needs_train and cfg.shots <= 0:
         raise AnyclassError(f"method {cfg.method!r} needs labelled shots: pass --shots K")
+    if getattr(method, "needs_support", False):
+        _check_support_source(cfg)
     test = load_dataset(cfg.dataset, cfg.split)
     if len(test) == 0:
         raise AnyclassError(f"dataset {cfg.dataset!r} has no images in split {cfg.split!r}")
