@@ -38,3 +38,15 @@ def test_new_hub_add_show(mini_world, capsys, tmp_path):
     assert "clock" in capsys.readouterr().out
     assert main(["hub", "show", "99", "--hub", hub]) == 2
     assert "no model '99'" in capsys.readouterr().err
+
+
+def test_classify_with_hub(mini_world, capsys):
+    import glob
+    imgs = sorted(glob.glob(str(mini_world.root / "images" / "colour" / "animals" / "test" / "*.png")))[:3]
+    assert main(["classify", *imgs, "--classes", "rat,leopard,snail,qwxzvy", "--method", "hub",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3
+    for r in rows:
+        assert abs(sum(t["score"] for t in r["top"]) - 1) < 1e-3     # all 4 classes, top-5
+        assert {t["class"] for t in r["top"]} == {"rat", "leopard", "snail", "qwxzvy"}

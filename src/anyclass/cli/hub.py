@@ -69,13 +69,12 @@ def cmd_show(a) -> int:
 def cmd_select(a) -> int:
     from ..data.classnames import parse_classes, read_classes_file
     from ..hub.select import select_heads
-    from ..hub.service import class_nodes, warn_unmapped
+    from ..hub.service import class_nodes
     if (a.classes is None) == (a.classes_file is None):
         raise AnyclassError("give the class names with exactly one of --classes or --classes-file")
     names = read_classes_file(a.classes_file) if a.classes_file else parse_classes(a.classes)
     s = _store(a)
     nodes, _ = class_nodes(names, None, a.overrides)
-    warn_unmapped(names, nodes)
     sel = select_heads(s.labels(), nodes, max_models=a.max_models, solver=a.solver,
                        classnames=names)
     if a.json:

@@ -37,7 +37,8 @@ def cmd_classify(a) -> int:
     paths = expand_inputs(a.images)
     if not paths:
         raise AnyclassError("no images given")
-    rows = classify(paths, classes, create_backbone(a.backbone, a.device), a.templates, a.top_k)
+    rows = classify(paths, classes, create_backbone(a.backbone, a.device), a.templates, a.top_k,
+                    method=a.method, hub=a.hub)
     if a.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backbone", default="builtin")
     c.add_argument("--templates", default="single")
     c.add_argument("--top-k", type=int, default=5)
+    c.add_argument("--method", choices=["zeroshot", "hub"], default="zeroshot",
+                   help="hub: expert heads selected from the hub (backbone = fallback)")
+    c.add_argument("--hub", help="hub file for --method hub (default: the offline world's)")
     c.add_argument("--json", action="store_true")
     c.add_argument("--device")
     c.set_defaults(fn=cmd_classify)

@@ -30,16 +30,28 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
     return out
 
 
-def classify(paths: Sequence[str], classnames: Sequence[str], backbone: VisionLanguageModel,
-             templates: str = "single", top_k: int = 5, batch_size: int = 64,
-             progress: bool = False) -> list[dict]:
-    """Top-k (class, probability) per readable image; unreadable ones are warned and skipped."""
+def classify(paths: Sequence[str], classnames: Sequence[str],
+             backbone: VisionLanguageModel | None, templates: str = "single", top_k: int = 5,
+             batch_size: int = 64, progress: bool = False, method: str = "zeroshot",
+             hub: str | None = None) -> list[dict]:
+    """Top-k (class, probability) per readable image; unreadable ones are warned and skipped.
+    method "zeroshot" uses `backbone`; "hub" selects expert heads from the hub (default: the
+    offline world's) and uses `backbone` only for classes no head covers."""
     ds = LabeledImages("classify", list(paths), [-1] * len(paths), list(classnames))
-    feats = extract_features(backbone, ds, batch_size=batch_size, cache=False, progress=progress)
-    W = build_text_classifier(backbone, classnames, get_templates(templates))
-    valid = torch.from_numpy(np.asarray(feats.valid, dtype=bool))
-    x = torch.from_numpy(np.array(feats.features, dtype=np.float32))[valid]
-    probs = (float(backbone.logit_scale) * x.to(W.device) @ W).softmax(dim=-1).cpu()
+    if method == "hub":
+        from ..methods import create_method
+        from .image_level import hub_predict
+        m = create_method("hub", hub=hub)
+        scores, valid_np, _ = hub_predict(m, ds, backbone, progress)
+        valid = torch.from_numpy(valid_np)
+        probs = torch.from_numpy(scores[valid_np]).softmax(dim=-1)
+    else:
+        feats = extract_features(backbone, ds, batch_size=batch_size, cache=False,
+                                 progress=progress)
+        W = build_text_classifier(backbone, classnames, get_templates(templates))
+        valid = torch.from_numpy(np.asarray(feats.valid, dtype=bool))
+        x = torch.from_numpy(np.array(feats.features, dtype=np.float32))[valid]
+        probs = (float(backbone.logit_scale) * x.to(W.device) @ W).softmax(dim=-1).cpu()
     k = min(top_k, len(classnames))
     top = probs.topk(k, dim=1)
     kept = [p for p, v in zip(paths, valid.tolist()) if v]

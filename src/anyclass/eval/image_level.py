@@ -18,12 +18,11 @@ def hub_predict(method, dataset, backbone=None, progress: bool = True) -> tuple[
     """Log-scores [N, K] of the hub on `dataset`, the valid-row mask, and a report."""
     from ..hub.reuse import combine, fallback_probabilities, run_selected
     from ..hub.select import select_heads
-    from ..hub.service import class_nodes, open_hub, warn_unmapped
+    from ..hub.service import class_nodes, open_hub
     t0 = time.perf_counter()
     store = open_hub(method.hub, progress=progress)
     names = list(dataset.classnames)
     nodes, mapping = class_nodes(names, dataset.meta, method.overrides)
-    warn_unmapped(names, nodes)
     labels = store.labels()
     sel = select_heads(labels, nodes, max_models=method.max_models, solver=method.solver,
                        lam=method.lam, mu=method.mu, min_utility=method.min_utility,

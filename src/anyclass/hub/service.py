@@ -58,6 +58,7 @@ def class_nodes(classnames: Sequence[str], dataset_meta: dict | None = None,
         info = world.tasks[task]
         nodes = [canonical_synset(by_id[cid].synset) if by_id[cid].synset else None
                  for cid in info.concept_ids]
+        warn_unmapped(classnames, nodes)
         return nodes, [{"name": n, "synset": s, "how": "world concept"}
                        for n, s in zip(classnames, nodes)]
     from .mapping import map_classnames
