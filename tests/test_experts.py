@@ -246,6 +246,7 @@ def test_world_expert_on_task_beats_chance_and_logits_cached(mini_hub, tmp_path,
         calls["n"] += 1
         return orig(x)
     monkeypatch.setattr(e, "predict_logits", counting)
+    monkeypatch.setenv("ANYCLASS_HOME", str(tmp_path))   # an empty cache: first call computes
     logits = expert_logits(e, ds, batch_size=16, progress=False, num_workers=0)
     assert logits.shape == (len(ds), len(e.head_names)) and calls["n"] > 0
     first = calls["n"]
