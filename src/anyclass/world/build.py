@@ -15,18 +15,16 @@ safe when several processes build at once (an flock on `<key>.lock`).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
+from ..locks import build_lock
 from ..paths import home
 from .concepts import Concept, load_concepts
 from .config import WORLD_VERSION, WorldConfig, get_config
@@ -147,22 +145,8 @@ def _write_json(path: Path, obj: object) -> None:
         raise
 
 
-@contextmanager
-def _locked(cfg: WorldConfig, progress: bool) -> Iterator[None]:
-    lock = home() / "world" / f"{cfg.key()}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress:
-                print(f"world {cfg.key()}: another process is building it; waiting",
-                      flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _locked(cfg: WorldConfig, progress: bool):
+    return build_lock(home() / "world" / f"{cfg.key()}.lock", f"world {cfg.key()}", progress)
 
 
 def _open(cfg: WorldConfig, root: Path) -> World | None:

@@ -20,14 +20,12 @@ expert directory appears atomically when its training is done).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpecError
+from ..locks import build_lock
 
 #: bump when anything that changes what an expert learns changes (data, training, archs)
 EXPERTS_VERSION = "1"
@@ -444,20 +443,8 @@ def train_expert(world, recipe: ExpertRecipe, out_dir: Path | None = None, progr
         torch.set_num_threads(before)
 
 
-@contextmanager
-def _locked(path: Path, progress: bool) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress:
-                print(f"expert hub {path.stem}: another process is building it; waiting", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _locked(path: Path, progress: bool):
+    return build_lock(path, f"expert hub {path.stem}", progress)
 
 
 def _read_index(root: Path, key: str) -> dict | None:
