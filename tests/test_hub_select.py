@@ -81,3 +81,15 @@ def test_bad_solver_and_bound():
         select_heads(lab, ["n0.n.01"], solver="ilp")
     with pytest.raises(AnyclassError, match="max_models must be at least 1"):
         select_heads(lab, ["n0.n.01"], max_models=0)
+
+
+def test_semantic_prior_prefers_the_head_named_for_the_class():
+    # head 0 (model 1) fires a bit more on a's images but was trained on something else;
+    # head 1 (model 2) is the a-head. With ν the named head wins; without, the stronger one.
+    scores = np.array([[0.5, 0.0], [0.4, 0.0]], np.float32)
+    lab = HubLabels(["a.n.01", "b.n.01"], [(1, 0), (2, 0)], scores, {1: 1, 2: 1},
+                    head_synsets=["x.n.01", "a.n.01"])
+    assert select_heads(lab, ["a.n.01", "b.n.01"], semantic=0.0).choices[0].model_id == 1
+    sel = select_heads(lab, ["a.n.01", "b.n.01"], semantic=0.3)
+    assert sel.choices[0].model_id == 2
+    assert sel.choices[0].utility == pytest.approx(0.4 + 0.3)

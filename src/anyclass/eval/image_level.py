@@ -26,7 +26,7 @@ def hub_predict(method, dataset, backbone=None, progress: bool = True) -> tuple[
     labels = store.labels()
     sel = select_heads(labels, nodes, max_models=method.max_models, solver=method.solver,
                        lam=method.lam, mu=method.mu, min_utility=method.min_utility,
-                       top_k=method.top_k, classnames=names)
+                       top_k=method.top_k, classnames=names, semantic=method.semantic)
     if sel.fallback and method.fallback is None and backbone is None:
         missing = ", ".join(names[c] for c in sel.fallback[:10])
         raise AnyclassError(f"no head in the hub covers {len(sel.fallback)} class(es) and no "

@@ -4,12 +4,13 @@ For a task with classes c (each mapped to a graph node v_c), pick for each class
 (model m(h), output j) from any model so that the chosen heads recognise their classes and do
 not fire on the task's other classes, running at most B models:
 
-    u[h, c] = s[h, v_c] − λ · max_{c' ≠ c} s[h, v_c']          (utility of head h for class c)
+    u[h, c] = s[h, v_c] − λ · max_{c' ≠ c} s[h, v_c'] + ν · [synset(h) = v_c]   (utility)
     max  Σ u[h,c]·x[h,c] − μ · Σ cost_m·y_m
     s.t. Σ_h x[h,c] ≤ 1  (one head per class),  Σ_c x[h,c] ≤ 1  (one class per head),
          x[h,c] ≤ y_m(h),  Σ_m y_m ≤ B,  x, y ∈ {0, 1}
 
-s = the hub's (propagated) label scores. Only the top-k heads per class (by u) are candidates,
+s = the hub's (propagated) label scores; ν (`semantic`) is a prior for a head trained on the
+class's own concept, which guards against heads that fire on images they never saw. Only the top-k heads per class (by u) are candidates,
 which keeps the ILP small and the greedy fast; classes whose best utility is below
 `min_utility` (or whose name has no node) go to the fallback vision-language model.
 Solvers: "milp" (exact, scipy.optimize.milp), "greedy" (model-wise greedy + swap local search),
@@ -107,7 +108,7 @@ def _utilities(R: np.ndarray, lam: float) -> np.ndarray:
 def select_heads(labels, class_nodes: Sequence[str | None], max_models: int | None = None,
                  solver: str = "auto", lam: float = 1.0, mu: float = 0.0,
                  min_utility: float = 0.02, top_k: int = 20,
-                 classnames: Sequence[str] | None = None) -> Selection:
+                 classnames: Sequence[str] | None = None, semantic: float = 0.3) -> Selection:
     """Choose a head per class (see module docstring). `labels` is a HubLabels (or anything
     with nodes, heads, scores, model_cost; scores may be a scipy.sparse matrix)."""
     t0 = time.perf_counter()
@@ -126,9 +127,15 @@ def select_heads(labels, class_nodes: Sequence[str | None], max_models: int | No
         return empty
 
     rows = _topk_rows(sub, top_k)
+    hs = np.asarray(getattr(labels, "head_synsets", None) or [], dtype=object)
+    task_nodes = np.asarray([class_nodes[c] for c in mapped], dtype=object)
+    if semantic and len(hs):                  # heads named for a task class are candidates too
+        rows = np.union1d(rows, np.flatnonzero(np.isin(hs, task_nodes)))
     R = sub[rows]
     R = R.toarray() if hasattr(R, "toarray") else np.asarray(R)
     U = _utilities(R, lam)                                    # [n_cand, C']
+    if semantic and len(hs):                  # + ν·[synset(h) = v_c]: the head's own concept
+        U = U + semantic * (hs[rows][:, None] == task_nodes[None, :])
     # keep the top_k candidates per class whose utility clears the bar
     keep = np.zeros_like(U, dtype=bool)
     kk = min(top_k, U.shape[0])

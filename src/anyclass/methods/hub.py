@@ -18,7 +18,8 @@ class HubMethod(FeatureMethod):
     def __init__(self, hub: str | None = None, max_models: int | None = 8,
                  solver: str = "auto", lam: float = 1.0, mu: float = 0.0,
                  min_utility: float = 0.02, top_k: int = 20,
-                 fallback: str | None = "builtin", overrides: str | None = None) -> None:
+                 fallback: str | None = "builtin", overrides: str | None = None,
+                 semantic: float = 0.3) -> None:
         self.hub = hub                    # hub file; None = the offline world's hub
         self.max_models = max_models      # B: at most this many models run per task
         self.solver = solver              # auto | milp | greedy
@@ -28,3 +29,4 @@ class HubMethod(FeatureMethod):
         self.top_k = top_k                # candidate heads per class
         self.fallback = fallback          # vision-language backbone spec, or None
         self.overrides = overrides        # class name -> synset override file
+        self.semantic = semantic          # ν: prior for a head named for the class's synset
