@@ -26,6 +26,15 @@ def test_world_hub_list_select_and_eval(mini_world, capsys, tmp_path):
     assert r["hub"]["models_run"] <= r["hub"]["models_in_hub"]
     chosen = {c["model"] for c in r["hub"]["selection"]["choices"].values()}
     assert chosen == set(r["hub"]["selection"]["models"])
+    cal = r["hub"]["calibration"]             # fitted on the hub's node images of the classes
+    assert cal["images"] > 0 and cal["classes_fitted"] >= 2
+
+    res2 = tmp_path / "hub_uncal.json"
+    assert main(["eval", "--dataset", "world:animals", "--method", "hub", "--hparam",
+                 "calibrate=false", "--out", str(res2)]) == 0
+    r2 = json.loads(res2.read_text())
+    assert r2["hub"]["calibration"] is None and r2["hparams"]["calibrate"] is False
+    assert r2["hub"]["selection"]["choices"] == r["hub"]["selection"]["choices"]
 
 
 def test_new_hub_add_show(mini_world, capsys, tmp_path):

@@ -16,7 +16,7 @@ from .metrics import classification_metrics
 def hub_predict(method, dataset, backbone=None, progress: bool = True) -> tuple[np.ndarray,
                                                                             np.ndarray, dict]:
     """Log-scores [N, K] of the hub on `dataset`, the valid-row mask, and a report."""
-    from ..hub.reuse import combine, fallback_probabilities, run_selected
+    from ..hub.reuse import hub_scores
     from ..hub.select import select_heads
     from ..hub.service import class_nodes, open_hub
     t0 = time.perf_counter()
@@ -33,16 +33,15 @@ def hub_predict(method, dataset, backbone=None, progress: bool = True) -> tuple[
                             f"fallback model is configured: {missing}")
     t_sel = time.perf_counter()
     specs = {m.id: m.spec for m in store.models()}
-    logits, valid = run_selected(sel, specs, dataset, progress=progress)
-    fb = None
-    if sel.fallback:
-        if backbone is None:
-            from ..backbones.factory import create_backbone
-            backbone = create_backbone(method.fallback)
-        fb, ok = fallback_probabilities(backbone, dataset, names, progress=progress)
-        valid &= ok
-    scores = combine(sel, logits, fb)
+    if backbone is None and method.fallback is not None and (sel.fallback or method.calibrate):
+        from ..backbones.factory import create_backbone
+        backbone = create_backbone(method.fallback)
+    graph = store.load_graph() if method.calibrate else None
+    scores, valid, cal = hub_scores(sel, specs, dataset, graph, nodes, backbone,
+                                    calibrated=method.calibrate, reg=method.calibration_reg,
+                                    progress=progress)
     report = {"selection": sel.summary(), "mapping": mapping,
+              "calibration": cal.summary() if cal is not None else None,
               "models_run": len(sel.models), "models_in_hub": len(specs),
               "timings_s": {"select": round(t_sel - t0, 3),
                             "inference": round(time.perf_counter() - t_sel, 3)}}

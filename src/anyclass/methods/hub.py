@@ -19,7 +19,8 @@ class HubMethod(FeatureMethod):
                  solver: str = "auto", lam: float = 1.0, mu: float = 0.0,
                  min_utility: float = 0.02, top_k: int = 20,
                  fallback: str | None = "builtin", overrides: str | None = None,
-                 semantic: float = 0.3) -> None:
+                 semantic: float = 0.3, calibrate: bool = True,
+                 calibration_reg: float = 1.0) -> None:
         self.hub = hub                    # hub file; None = the offline world's hub
         self.max_models = max_models      # B: at most this many models run per task
         self.solver = solver              # auto | milp | greedy
@@ -30,3 +31,5 @@ class HubMethod(FeatureMethod):
         self.fallback = fallback          # vision-language backbone spec, or None
         self.overrides = overrides        # class name -> synset override file
         self.semantic = semantic          # ν: prior for a head named for the class's synset
+        self.calibrate = calibrate        # fit a, b, g on the task's node images (hub/reuse.py)
+        self.calibration_reg = calibration_reg   # ρ: shrinkage toward the uncalibrated rule
