@@ -211,3 +211,18 @@ def test_labels_assembled(tmp_path):
                                1e-6)
     np.testing.assert_allclose(s.label_matrix(m2), mats[m2][0], 1e-6)
     assert s.label_matrix(m3) is None
+
+
+def test_expert_with_unmappable_head_names_is_kept_and_reported(tmp_path):
+    from types import SimpleNamespace
+    s = HubStore(tmp_path / "hub.sqlite")
+    ex = SimpleNamespace(head_names=["golden retriever", "qwxzvy", "zzkrpt blorf"],
+                         head_synsets=None, identity="id:odd", weights_hash="e" * 64,
+                         num_params=1000)
+    with pytest.warns(UserWarning, match=r"2 of 3 head name\(s\) map to no WordNet synset: "
+                                         r"qwxzvy, zzkrpt blorf"):
+        mid = s.add_expert("timm:odd@random", expert=ex)
+    hs = s.heads(mid)                               # every head kept, in order
+    assert [h.name for h in hs] == ex.head_names
+    assert hs[0].synset == "golden_retriever.n.01"
+    assert hs[1].synset is None and hs[2].synset is None

@@ -26,6 +26,7 @@ on-disk cache, resume, bad images skipped) with normalisation switched off.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 import warnings
@@ -41,7 +42,8 @@ from torch import nn
 
 from ..errors import AnyclassError, SpecError
 from ..registry import Registry
-from .weights import SAFETENSORS_EXT, TORCH_EXT, file_sha256, load_state_dict, state_dict_hash
+from .weights import (SAFETENSORS_EXT, TORCH_EXT, file_sha256, load_state_dict,
+                      state_dict_hash, state_dict_mismatch)
 
 RANDOM_SEED = 0
 _WNID = re.compile(r"^n\d{8}$")
@@ -312,19 +314,7 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: Path, wh
                  filter_fn: Callable | None = None) -> None:
     """load_state_dict(strict) with one clear error; tries the library's own key converter
     (timm's checkpoint_filter_fn) when the plain keys don't fit."""
-    def attempt(d):
-        try:
-            missing, unexpected = model.load_state_dict(d, strict=False)
-        except RuntimeError as e:
-            return f"shape mismatch: {_one_line(e)}"
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-            return "; ".join(parts)
-        return None
+    attempt = functools.partial(state_dict_mismatch, model)
     err = attempt(sd)
     if err and filter_fn is not None:
         try:

@@ -32,7 +32,8 @@ from ..errors import AnyclassError, SpecError
 from .factory import BACKBONES
 from .hooks import (logit_scale_and_bias, HookUnsupportedError, check_context, check_prompts, chunks, context_starts,
                     deep_prompts, freeze, normalized, placeholder_token_id, replace_token_embeddings)
-from .weights import SAFETENSORS_EXT, TORCH_EXT, file_sha256, load_state_dict, state_dict_hash
+from .weights import (SAFETENSORS_EXT, TORCH_EXT, file_sha256, load_state_dict, state_dict_hash,
+                      state_dict_mismatch)
 
 RANDOM_SEED = 0
 TEXT_BATCH = 256
@@ -137,18 +138,9 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, name:
     sd.pop("text.transformer.embeddings.position_ids", None)
     resize_pos_embed(sd, model)
     resize_text_pos_embed(sd, model)
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        msg = " ".join(str(e).split())
-        raise AnyclassError(f"checkpoint {source} does not fit open_clip model {name!r}: {msg[:300]}") from None
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        raise AnyclassError(f"checkpoint {source} does not fit open_clip model {name!r}: {'; '.join(parts)}")
+    err = state_dict_mismatch(model, sd)
+    if err:
+        raise AnyclassError(f"checkpoint {source} does not fit open_clip model {name!r}: {err}")
 
 
 def describe_preprocess(cfg: dict[str, Any]) -> str:

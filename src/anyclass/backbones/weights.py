@@ -199,3 +199,18 @@ def state_dict_hash(sd: Mapping[str, torch.Tensor]) -> str:
 def _one_line(e: BaseException) -> str:
     s = " ".join(str(e).split())
     return s[:300]
+
+
+def state_dict_mismatch(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> str | None:
+    """Load `sd` into `model` (strict=False) and say in one line why it does not fit, or None
+    when every key matched (the model then holds the weights)."""
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        return f"shape mismatch: {_one_line(e)}"
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    return "; ".join(parts) or None

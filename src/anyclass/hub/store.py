@@ -356,6 +356,12 @@ class HubStore:
             for i, m in zip(todo, map_classnames([names[i] for i in todo], context=True,
                                                  overrides=overrides)):
                 syn[i], conf[i], how[i] = m.synset, m.confidence, m.how
+        unmapped = [n for n, s in zip(names, syn) if s is None]
+        if unmapped:
+            warnings.warn(f"{spec}: {len(unmapped)} of {len(names)} head name(s) map to no "
+                          f"WordNet synset: {', '.join(unmapped[:10])}; labelling still scores "
+                          f"them on the graph's images, but they get no semantic prior (give an "
+                          f"override file to map them)", stacklevel=2)
         return self.add_model(spec, expert.identity, expert.weights_hash, "expert", names, syn,
                               conf, how, num_params=int(expert.num_params), cost=cost,
                               replace=replace)
