@@ -63,6 +63,41 @@ def oracle_selection(names, models, specs, ds) -> Selection:
                      0.0)
 
 
+COLUMNS = ("zeroshot", "hub_uncal", "hub", "best_single_expert", "oracle")
+
+
+def markdown(out: dict) -> str:
+    """The tables of docs/benchmarks.md from the JSON this script writes."""
+    rows, sizes = out["rows"], out["sizes"]
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = ["| task | domain | K | zero-shot | hub uncal. | **hub** | best single | oracle | "
+             "models run | fallback cls |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['domain']} | {r['classes']} | "
+                     + " | ".join(pct(r[k]) for k in COLUMNS)
+                     + f" | {r['hub_models_run']} | {r['hub_fallback_classes']} |")
+    for d in ("colour", "sketch"):
+        rs = [r for r in rows if r["domain"] == d]
+        lines.append(f"| **mean** | {d} | | " + " | ".join(
+            pct(np.mean([r[k] for r in rs])) for k in COLUMNS) + " | | |")
+    lines += ["", "| domain | " + " | ".join(f"{n} experts" for n in sizes) + " | whole hub |",
+              "|---|" + "---|" * (len(sizes) + 1)]
+    for d in ("colour", "sketch"):
+        rs = [r for r in rows if r["domain"] == d]
+        lines.append(f"| {d} | " + " | ".join(
+            pct(np.mean([r["hub_by_size"][str(n)] if str(n) in r["hub_by_size"]
+                         else r["hub_by_size"][n] for r in rs])) for n in sizes)
+            + f" | {pct(np.mean([r['hub'] for r in rs]))} |")
+    lines += ["", "| task (colour test split) | models run / in hub | selected experts | "
+              "+ VLM | every expert | ratio |", "|---|---|---|---|---|---|"]
+    for c in out["cost"]:
+        sel = c["selected_s"] + c.get("vlm_s", 0.0)
+        lines.append(f"| {c['task']} | {c['models_run']} / {c['models_in_hub']} | "
+                     f"{c['selected_s']:.2f} s | {sel:.2f} s | {c['all_s']:.2f} s | "
+                     f"{c['all_s'] / sel:.1f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/hub_world.json")
@@ -70,7 +105,11 @@ def main() -> None:
     ap.add_argument("--orders", type=int, default=3)
     ap.add_argument("--max-models", type=int, default=8)
     ap.add_argument("--tasks", default=None, help="comma-separated (default: every world task)")
+    ap.add_argument("--markdown", metavar="JSON", help="only print the tables of a saved run")
     a = ap.parse_args()
+    if a.markdown:
+        print(markdown(json.loads(Path(a.markdown).read_text())))
+        return
     world = ensure_world(progress=False)
     store = init_world_hub(progress=False)
     graph = store.load_graph()
@@ -144,13 +183,7 @@ def main() -> None:
     out = {"rows": rows, "cost": cost, "sizes": sizes, "orders": a.orders}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
-    for d in ("colour", "sketch"):
-        rs = [r for r in rows if r["domain"] == d]
-        print(d, {k: round(100 * np.mean([r[k] for r in rs]), 1)
-                  for k in ("zeroshot", "hub_uncal", "hub", "best_single_expert", "oracle")},
-              {n: round(100 * np.mean([r["hub_by_size"][n] for r in rs]), 1) for n in sizes})
-    print(json.dumps(cost))
-
+    print(markdown(out))
 
 if __name__ == "__main__":
     main()
