@@ -104,13 +104,14 @@ class _Graph:
               "clock.n.01": ["k1.png"]}
 
 
-def test_node_image_set_labels_by_task_class_and_skips_shared_nodes():
+def test_node_image_set_labels_by_task_class():
     from anyclass.hub.reuse import node_image_set
     ds, has = node_image_set(_Graph(), ["dog.n.01", "clock.n.01", "cat.n.01", None,
-                                        "clock.n.01"], list("abcde"))
-    assert ds.paths == ["d1.png", "c1.png", "c2.png"]
-    assert ds.labels == [0, 2, 2]
-    assert has.tolist() == [True, False, True, False, False]
+                                        "clock.n.01", "cow.n.01"], list("abcdef"))
+    # a node shared by two classes (b, e) gives its images to both; no node / no images: none
+    assert ds.paths == ["d1.png", "k1.png", "c1.png", "c2.png", "k1.png"]
+    assert ds.labels == [0, 1, 2, 2, 4]
+    assert has.tolist() == [True, True, True, False, True, False]
 
 
 def test_calibrate_needs_two_classes_with_images():

@@ -15,9 +15,9 @@ the heads are calibrated on the hub's own data — the SDAG node images of the t
 
 a_c, b_c put each head on a common scale; g is how much the vision-language model's opinion
 counts for every class (0 when no fallback model is configured). ρ (`reg`) shrinks toward the
-uncalibrated rule; classes whose node has no images (or shares its node with another task
-class) keep a_c = 1, b_c = 0. On the offline world this takes the hub from 40.0 to 49.9 %
-mean acc1 on colour tasks (docs/benchmarks.md). Scores are log-scale, usable as logits.
+uncalibrated rule; classes whose node has no images keep a_c = 1, b_c = 0. On the offline
+world this lifts the hub's mean acc1 on colour tasks well above the uncalibrated rule
+(docs/benchmarks.md, "Expert hub"). Scores are log-scale, usable as logits.
 """
 from __future__ import annotations
 
@@ -127,17 +127,13 @@ def fit_calibration(z: np.ndarray, y: np.ndarray, log_q: np.ndarray | None = Non
 def node_image_set(graph: Any, class_nodes: Sequence[str | None],
                    classnames: Sequence[str]):
     """The hub's images of the task's class nodes as a labelled dataset (label = task class)
-    and the mask of classes that have images. A node shared by two task classes can't tell
-    them apart, so its images are left out."""
+    and the mask of classes that have images. Classes sharing a node each get its images: the
+    fit then learns that those heads can't tell them apart, and still learns g from them."""
     from ..data.base import LabeledImages
-    count: dict[str, int] = {}
-    for n in class_nodes:
-        if n:
-            count[n] = count.get(n, 0) + 1
     paths, labels = [], []
     has = np.zeros(len(class_nodes), dtype=bool)
     for c, n in enumerate(class_nodes):
-        imgs = graph.images.get(n, []) if n and count[n] == 1 else []
+        imgs = graph.images.get(n, []) if n else []
         paths += imgs
         labels += [c] * len(imgs)
         has[c] = bool(imgs)
