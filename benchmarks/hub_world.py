@@ -24,7 +24,7 @@ from anyclass.backbones.experts import create_expert, expert_logits
 from anyclass.backbones.factory import create_backbone
 from anyclass.data.sources import load_dataset
 from anyclass.features.extract import extract_features
-from anyclass.hub.reuse import fallback_probabilities, hub_scores, run_selected
+from anyclass.hub.reuse import fallback_probabilities, hub_scores
 from anyclass.hub.select import Choice, Selection, select_heads
 from anyclass.hub.service import class_nodes, init_world_hub
 from anyclass.world.build import ensure_world
@@ -51,10 +51,10 @@ def oracle_selection(names, models, specs, ds) -> Selection:
     y = np.asarray(ds.labels)
     blocks, owners = [], []
     for m in models:
-        lg, ok = run_selected(Selection(names, [], [m], 0.0, "", 0.0), specs, ds)
-        z = lg[m] - lg[m].max(1, keepdims=True)
+        lg = expert_logits(create_expert(specs[m]), ds, progress=False)
+        z = lg - lg.max(1, keepdims=True)
         blocks.append(z - np.log(np.exp(z).sum(1, keepdims=True)))
-        owners += [(m, j) for j in range(lg[m].shape[1])]
+        owners += [(m, j) for j in range(lg.shape[1])]
     auc = auc_columns(np.concatenate(blocks, 1), y, len(names))
     best = auc.argmax(0)
     choices = [Choice(c, int(best[c]), owners[best[c]][0], owners[best[c]][1],

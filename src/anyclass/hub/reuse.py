@@ -161,12 +161,9 @@ def calibrate(selection: Selection, specs: dict[int, str], graph: Any,
     z = class_log_scores(selection, logits, q)[ok]
     lq = None if q is None else _log_q(q)[ok]
     a, b, g = fit_calibration(z, y, lq, has, reg)
-    before = float((z.argmax(1) == y).mean())
-    cal = Calibration(a, b, g, has, int(ok.sum()), before, 0.0)
-    after = combine(selection, {m: l[ok] for m, l in logits.items()},
-                    None if q is None else q[ok], cal)
-    cal.node_acc_after = float((after.argmax(1) == y).mean())
-    return cal
+    after = a * z + b + (g * lq if lq is not None else 0.0)
+    return Calibration(a, b, g, has, int(ok.sum()), float((z.argmax(1) == y).mean()),
+                       float((after.argmax(1) == y).mean()))
 
 
 def hub_scores(selection: Selection, specs: dict[int, str], dataset, graph: Any = None,
