@@ -5,7 +5,7 @@ import os
 from dataclasses import asdict, dataclass
 
 # Bump when world code changes what is built (renders, tasks, model): it is part of the key.
-WORLD_VERSION = "2"
+WORLD_VERSION = "3"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,16 @@
-"""Seeded rendering of concepts in two domains: "colour" (Noto Color Emoji) and "sketch"
-(Symbola, monochrome strokes).
+"""Seeded rendering of concepts in five domains, each a different kind of shift (like
+ImageNet's variants):
+
+- "colour"      Noto Color Emoji on varied backgrounds: the "photo" domain;
+- "sketch"      Symbola's monochrome glyphs as ink on paper (another artist, no colour;
+                like ImageNet-Sketch);
+- "rendition"   renditions of the colour glyph: silhouettes, outlines, posterised cartoons
+                with ink contours, pixel art (a mix; like ImageNet-R);
+- "v2"          the colour distribution re-sampled with fresh seeds and slightly different
+                framing (smaller, more off-centre, more blur; like ImageNet-V2);
+- "adversarial" hard colour scenes (small off-centre object, cluttered by other glyphs,
+                occluded, low contrast) from which `world.adversarial` keeps the ones an
+                independent world expert gets wrong (like ImageNet-A).
 
 `render(concept, domain, seed, size)` is a pure function of its arguments: the same
 (concept, domain, seed, size) gives identical pixels on every run and in every process.
@@ -21,7 +32,9 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-DOMAINS = ("colour", "sketch")
+DOMAINS = ("colour", "sketch", "rendition", "v2", "adversarial")
+SHIFTED_DOMAINS = DOMAINS[1:]
+RENDITION_STYLES = ("silhouette", "outline", "cartoon", "pixel")
 TASK_SEED_BASE = 2**32          # task-split seeds live at or above this; pretraining below
 _BASE = 128                      # cached glyph side (Noto's bitmaps are 136×128)
 _NOTO_SIZE = 109                 # the only size Noto Color Emoji's bitmap strike renders at
@@ -37,6 +50,11 @@ def _check_domain(domain: str) -> None:
         raise SpecError(f"unknown domain {domain!r} (known: {', '.join(DOMAINS)})")
 
 
+def _font_of(domain: str) -> str:
+    """Which glyph set a domain draws from: Symbola for sketch, Noto for the rest."""
+    return "sketch" if domain == "sketch" else "colour"
+
+
 @lru_cache(maxsize=2)
 def _font(domain: str) -> ImageFont.FreeTypeFont:
     from .concepts import noto_font_path, symbola_font_path
@@ -50,8 +68,10 @@ def base_glyph(codepoint: int, domain: str) -> Image.Image:
     """The un-augmented glyph, cropped to its ink and scaled so its longer side is 128 px.
 
     colour: RGBA as the font draws it; sketch: RGBA black strokes whose alpha is the ink.
+    Other domains draw the colour glyph.
     """
     _check_domain(domain)
+    domain = _font_of(domain)
     ch = chr(codepoint)
     font = _font(domain)
     l, t, r, b = font.getbbox(ch)
@@ -86,8 +106,9 @@ def _grid(size: int) -> np.ndarray:
 
 def _background(rng: random.Random, domain: str, size: int) -> np.ndarray:
     """Plain colour, linear gradient or plain + light noise; paper-like for sketches."""
-    v, s = ((0.35, 1.0), (0.0, 0.6)) if domain == "colour" else ((0.82, 1.0), (0.0, 0.12))
-    kind = rng.choices(("plain", "gradient", "noise"), weights=(0.4, 0.35, 0.25))[0]
+    v, s = ((0.82, 1.0), (0.0, 0.12)) if domain == "sketch" else ((0.35, 1.0), (0.0, 0.6))
+    weights = (0.2, 0.4, 0.4) if domain == "v2" else (0.4, 0.35, 0.25)
+    kind = rng.choices(("plain", "gradient", "noise"), weights=weights)[0]
     c1 = np.array(_rand_colour(rng, v, s), np.float32)
     if kind == "gradient":
         c2 = np.array(_rand_colour(rng, v, s), np.float32)
@@ -132,38 +153,117 @@ def _ink(glyph: Image.Image, rng: random.Random, size: int) -> Image.Image:
     return ink
 
 
-def render(concept: HasGlyph, domain: str, seed: int, size: int) -> Image.Image:
+def _rendition(glyph: Image.Image, rng: random.Random) -> Image.Image:
+    """One rendition style of an RGBA colour glyph (ImageNet-R's mix of art forms)."""
+    style = rng.choice(RENDITION_STYLES)
+    a = np.asarray(glyph, np.float32)
+    alpha = a[..., 3]
+    if style == "silhouette":                 # one flat colour, the outline shape only
+        rgb = np.broadcast_to(np.array(_rand_colour(rng, (0.1, 0.9), (0.3, 1.0)), np.float32),
+                              a[..., :3].shape)
+    elif style == "outline":                  # the contour of the shape, no fill
+        m = glyph.getchannel("A")
+        k = 3 if max(glyph.size) < 48 else 5
+        edge = np.asarray(m.filter(ImageFilter.MaxFilter(k)), np.float32) - \
+            np.asarray(m.filter(ImageFilter.MinFilter(k)), np.float32)
+        alpha = np.clip(edge * 1.5, 0, 255)
+        rgb = np.broadcast_to(np.array(_rand_colour(rng, (0.0, 0.5), (0.0, 1.0)), np.float32),
+                              a[..., :3].shape)
+    elif style == "cartoon":                  # posterised colours with dark ink contours
+        levels = rng.choice((2, 3))
+        rgb = np.round(a[..., :3] / 255 * (levels - 1)) / (levels - 1) * 255
+        m = glyph.getchannel("A")
+        edge = np.asarray(m, np.float32) - np.asarray(m.filter(ImageFilter.MinFilter(3)), np.float32)
+        rgb = rgb * (1 - np.clip(edge[..., None] / 255 * 1.5, 0, 1))
+    else:                                     # pixel art: few big square pixels
+        side = rng.randint(9, 14)
+        small = glyph.resize((side, max(1, round(side * glyph.height / glyph.width))), Image.BOX)
+        return small.resize(glyph.size, Image.NEAREST)
+    out = np.dstack([rgb, alpha])
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "RGBA")
+
+
+def _clutter(img: Image.Image, rng: random.Random, size: int, codepoint: int) -> None:
+    """Paste 1-3 other concepts' glyphs (smaller than the object's range) around the scene."""
+    others = _clutter_codepoints()
+    for _ in range(rng.randint(1, 3)):
+        cp = others[rng.randrange(len(others))]
+        if cp == codepoint:
+            continue
+        g = base_glyph(cp, "colour")
+        k = size * rng.uniform(0.2, 0.35) / max(g.size)
+        g = g.resize((max(1, round(g.width * k)), max(1, round(g.height * k))), Image.BILINEAR)
+        img.paste(g, (rng.randrange(-g.width // 3, size - g.width // 2),
+                      rng.randrange(-g.height // 3, size - g.height // 2)), g)
+
+
+@lru_cache(maxsize=1)
+def _clutter_codepoints() -> tuple[int, ...]:
+    from .concepts import all_concepts
+    return tuple(c.codepoint for c in all_concepts())
+
+
+#: per-domain framing: (object side as a fraction of the image, rotation degrees, position
+#: slack as a fraction, occlusion probability, blur probability)
+_FRAMING = {
+    "colour": ((0.55, 0.9), 25, 0.08, 0.2, 0.3),
+    "sketch": ((0.55, 0.9), 25, 0.08, 0.2, 0.3),
+    "rendition": ((0.55, 0.9), 25, 0.08, 0.1, 0.2),
+    "v2": ((0.45, 0.85), 30, 0.12, 0.25, 0.45),
+    "adversarial": ((0.4, 0.65), 40, 0.15, 0.6, 0.4),
+}
+
+
+def render(concept: HasGlyph, domain: str, seed: int, size: int, with_mask: bool = False
+           ) -> Image.Image | tuple[Image.Image, Image.Image]:
     """One augmented RGB image (size×size) of `concept` in `domain`, a pure function of seed.
 
     Augmentations: scale, rotation, position (slight crop allowed), background, colour jitter
-    (colour) or ink colour/pressure/thickness (sketch), a small occluding patch, blur.
+    (colour) or ink colour/pressure/thickness (sketch), a small occluding patch, blur; the
+    domain decides the style and the ranges (`_FRAMING`).
     No flips: they would change meaning (left vs right arrow, pointing hands).
+    `with_mask` also returns the object's alpha on the canvas ("L"), which pretraining's
+    shape augmentations (silhouettes of colour renders) need.
     """
     _check_domain(domain)
+    scale, rot, slack_frac, p_occ, p_blur = _FRAMING[domain]
     rng = random.Random(f"{domain}:{concept.codepoint}:{seed}")
     img = Image.fromarray(_background(rng, domain, size), "RGB")
+    if domain == "adversarial":
+        _clutter(img, rng, size, concept.codepoint)
     glyph = base_glyph(concept.codepoint, domain)
-    side = size * rng.uniform(0.55, 0.9)
+    side = size * rng.uniform(*scale)
     k = side / max(glyph.size)
     glyph = glyph.resize((max(1, round(glyph.width * k)), max(1, round(glyph.height * k))),
                          Image.BILINEAR, reducing_gap=2.0)
-    if domain == "colour":
-        glyph = _jitter_colour(glyph, rng)
-    else:
+    if domain == "sketch":
         glyph = _ink(glyph, rng, size)
-    glyph = glyph.rotate(rng.uniform(-25, 25), resample=Image.BICUBIC, expand=True)
-    slack = 0.08 * size
+    elif domain == "rendition":
+        glyph = _rendition(glyph, rng)
+    else:
+        glyph = _jitter_colour(glyph, rng)
+    glyph = glyph.rotate(rng.uniform(-rot, rot), resample=Image.BICUBIC, expand=True)
+    slack = slack_frac * size
     x = rng.uniform(-slack, max(size - glyph.width + slack, -slack))
     y = rng.uniform(-slack, max(size - glyph.height + slack, -slack))
     img.paste(glyph, (round(x), round(y)), glyph)
-    if rng.random() < 0.2:                                              # occlusion
+    mask = None
+    if with_mask:
+        mask = Image.new("L", (size, size), 0)
+        mask.paste(glyph.getchannel("A"), (round(x), round(y)))
+    if rng.random() < p_occ:                                            # occlusion
         w, h = (round(size * rng.uniform(0.12, 0.25)) for _ in range(2))
         ox, oy = rng.randrange(0, size - w + 1), rng.randrange(0, size - h + 1)
         fill = _rand_colour(rng, (0.2, 1.0), (0.0, 0.8))
         ImageDraw.Draw(img).rectangle((ox, oy, ox + w - 1, oy + h - 1), fill=fill)
-    if rng.random() < 0.3:                                              # blur
+    if rng.random() < p_blur:                                           # blur
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.1) * size / 64))
-    return img
+    if domain == "adversarial" and rng.random() < 0.5:                  # low contrast / cast
+        a = np.asarray(img, np.float32)
+        cast = np.array(_rand_colour(rng, (0.3, 1.0), (0.3, 1.0)), np.float32)
+        w = rng.uniform(0.3, 0.55)
+        img = Image.fromarray(np.clip(a * (1 - w) + cast * w, 0, 255).astype(np.uint8), "RGB")
+    return (img, mask) if with_mask else img
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,11 +281,16 @@ def _chunks(n: int, order: Sequence[int], n_chunks: int) -> list[list[int]]:
     return [list(order[i:i + size]) for i in range(0, n, size)]
 
 
-def _render_chunk(args: tuple[list[tuple[int, int, int]], str, int]) -> tuple[list[int], bytes]:
-    items, domain, size = args
-    out = np.empty((len(items), size, size, 3), np.uint8)
+def _render_chunk(args: tuple[list[tuple[int, int, int]], str, int, bool]
+                  ) -> tuple[list[int], bytes]:
+    items, domain, size, with_mask = args
+    out = np.empty((len(items), size, size, 4 if with_mask else 3), np.uint8)
     for j, (_, cp, seed) in enumerate(items):
-        out[j] = np.asarray(render(_CP(cp), domain, seed, size))
+        if with_mask:
+            img, mask = render(_CP(cp), domain, seed, size, with_mask=True)
+            out[j, ..., :3], out[j, ..., 3] = np.asarray(img), np.asarray(mask)
+        else:
+            out[j] = np.asarray(render(_CP(cp), domain, seed, size))
     return [i for i, _, _ in items], out.tobytes()
 
 
@@ -234,21 +339,24 @@ def _run(fn: Callable, jobs: list, workers: int, progress: bool, desc: str, tota
 
 
 def render_batch(items: Sequence[tuple[HasGlyph, int]], domain: str, size: int,
-                 workers: int | None = None, progress: bool = False) -> np.ndarray:
-    """Render (concept, seed) pairs to a uint8 array [N, size, size, 3], in item order."""
+                 workers: int | None = None, progress: bool = False,
+                 with_mask: bool = False) -> np.ndarray:
+    """Render (concept, seed) pairs to a uint8 array [N, size, size, 3], in item order
+    (`with_mask`: [N, size, size, 4], the object's alpha as the 4th channel)."""
     _check_domain(domain)
     n = len(items)
-    out = np.empty((n, size, size, 3), np.uint8)
+    c = 4 if with_mask else 3
+    out = np.empty((n, size, size, c), np.uint8)
     if n == 0:
         return out
     w = _workers(n, workers)
     order = sorted(range(n), key=lambda i: (items[i][0].codepoint, i))
     chunks = _chunks(n, order, w * 8)
-    jobs = [([(i, items[i][0].codepoint, int(items[i][1])) for i in c], domain, size)
-            for c in chunks]
+    jobs = [([(i, items[i][0].codepoint, int(items[i][1])) for i in ch], domain, size, with_mask)
+            for ch in chunks]
     for idx, buf in _run(_render_chunk, jobs, w, progress, f"render {domain}", n,
                          lambda r: len(r[0])):
-        out[idx] = np.frombuffer(buf, np.uint8).reshape(len(idx), size, size, 3)
+        out[idx] = np.frombuffer(buf, np.uint8).reshape(len(idx), size, size, c)
     return out
 
 

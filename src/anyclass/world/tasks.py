@@ -230,6 +230,98 @@ TASKS: tuple[TaskSpec, ...] = (
 )
 
 
+#: The ImageNet-like source task of the cross-dataset and domain-generalisation protocols:
+#: 318 classes across every category, 188 of them shared with the tasks above (as ImageNet
+#: shares classes with Pets or Caltech) and 130 other WordNet-mapped concepts. Chosen once by
+#: a fixed rule (every third task concept and every fourth other mapped concept, in code point
+#: order; a name already taken falls back to the Unicode name) and frozen here.
+SOURCE_TASK = "source"
+SOURCE = _t(SOURCE_TASK, 2, "ImageNet-like source task: 318 classes from every category.",
+       "203c double exclamation mark; 2194 left-right arrow; 2197 up-right arrow; "
+       "21a9 right arrow curving left; 231b hourglass done; 2328 keyboard; "
+       "23ec fast down button; 23f1 stopwatch; 23fa record button; 25b6 play button; "
+       "25fd white medium-small square; 2601 cloud; 2604 comet; 2618 shamrock; "
+       "2620 skull and crossbones; 2638 wheel of dharma; 2649 taurus; 264c leo; 264f scorpio; "
+       "2652 aquarius; 2660 spade suit; 267e infinity; 2693 anchor; 2695 medical symbol; "
+       "2699 gear; 26aa white circle; 26be baseball; 26c8 cloud with lightning and rain; "
+       "26d1 rescue worker's helmet; 26d4 no entry; 26ea church; 26f3 flag in hole; "
+       "26f7 skier; 26fa tent; 2709 envelope; 270a raised fist; 270d writing hand; "
+       "2721 star of david; 2747 sparkle; 2757 red exclamation mark; 2763 heart exclamation; "
+       "27b0 curly loop; 2934 right arrow curving up; 2b06 up arrow; 2b55 hollow red circle; "
+       "1f0cf joker; 1f17f p button; 1f193 free button; 1f198 sos button; 1f300 cyclone; "
+       "1f303 night with stars; 1f309 bridge at night; 1f30b volcano; "
+       "1f30f globe showing asia-australia; 1f313 first quarter moon; "
+       "1f316 waning gibbous moon; 1f31a new moon face; 1f31d full moon face; "
+       "1f31f glowing star; 1f324 sun behind small cloud; 1f328 cloud with snow; 1f32b fog; "
+       "1f32e taco; 1f331 seedling; 1f334 palm tree; 1f337 tulip; 1f33a hibiscus; "
+       "1f33d ear of corn; 1f340 four leaf clover; 1f343 leaf fluttering in wind; "
+       "1f346 eggplant; 1f349 watermelon; 1f34c banana; 1f34f green apple; 1f352 cherries; "
+       "1f355 pizza; 1f358 rice cracker; 1f35c steaming bowl of noodles; 1f35f french fries; "
+       "1f363 sushi; 1f367 shaved ice; 1f36a cookie; 1f36d lollipop; 1f36f honey pot; "
+       "1f374 fork and knife; 1f378 cocktail glass; 1f37c baby bottle; 1f37f popcorn; "
+       "1f381 wrapped gift; 1f386 fireworks; 1f38b tanabata tree; 1f38f carp streamer; "
+       "1f392 backpack; 1f397 reminder ribbon; 1f39f admission tickets; 1f3a2 roller coaster; "
+       "1f3a5 movie camera; 1f3aa circus tent; 1f3ab ticket; 1f3b1 pool 8 ball; "
+       "1f3b2 game die; 1f3b8 guitar; 1f3bb violin; 1f3bc musical score; 1f3bf skis; "
+       "1f3c3 person running; 1f3c6 trophy; 1f3c9 rugby ball; 1f3cc person golfing; "
+       "1f3cf cricket; 1f3d2 ice hockey; 1f3d7 building construction; 1f3da derelict house; "
+       "1f3dd desert island; 1f3e1 house with garden; 1f3e3 japanese post office; "
+       "1f3e5 hospital; 1f3ea convenience store; 1f3ed factory; 1f3f3 white flag; "
+       "1f3f8 badminton; 1f3fa amphora; 1f401 mouse; 1f405 tiger; 1f408 cat; 1f40c snail; "
+       "1f40f ram; 1f413 rooster; 1f414 chicken; 1f418 elephant; 1f41d honeybee; "
+       "1f420 tropical fish; 1f422 turtle; 1f425 front-facing baby chick; 1f428 koala; "
+       "1f42d mouse face; 1f430 rabbit; 1f434 horse; 1f437 pig; 1f43a wolf; 1f43d pig nose; "
+       "1f441 eye; 1f445 tongue; 1f446 backhand index pointing up; "
+       "1f449 backhand index pointing right; 1f44c ok hand; 1f44f clapping hands; "
+       "1f452 woman's hat; 1f455 t-shirt; 1f458 kimono; 1f45c handbag; 1f45f running shoe; "
+       "1f462 boot; 1f465 busts in silhouette; 1f469 woman; 1f46d women holding hands; "
+       "1f471 person blond hair; 1f475 old woman; 1f479 ogre; 1f47d alien; "
+       "1f481 person tipping hand; 1f486 person getting massage; 1f48a pill; "
+       "1f48c love letter; 1f490 bouquet; 1f495 two hearts; 1f498 heart with arrow; "
+       "1f49b yellow heart; 1f49e revolving hearts; 1f4a0 diamond with a dot; "
+       "1f4a6 sweat droplets; 1f4a7 droplet; 1f4ad thought balloon; 1f4b1 currency exchange; "
+       "1f4b5 dollar banknote; 1f4b9 chart increasing with yen; 1f4be floppy disk; 1f4c0 dvd; "
+       "1f4c5 calendar; 1f4c9 chart decreasing; 1f4ce paperclip; 1f4d1 bookmark tabs; "
+       "1f4d5 book; 1f4d6 open book; 1f4da books; 1f4de telephone receiver; "
+       "1f4e1 satellite antenna; 1f4e7 e-mail; 1f4eb closed mailbox with raised flag; "
+       "1f4ef postal horn; 1f4f1 mobile phone; 1f4f6 antenna bars; 1f4fa television; "
+       "1f4fd film projector; 1f501 repeat button; 1f509 speaker medium volume; 1f50b battery; "
+       "1f510 locked with key; 1f511 key; 1f517 link; 1f519 back arrow; 1f51c soon arrow; "
+       "1f521 input latin lowercase; 1f526 flashlight; 1f529 nut and bolt; 1f52b water pistol; "
+       "1f52d telescope; 1f531 trident emblem; 1f537 large blue diamond; "
+       "1f53b red triangle pointed down; 1f54d synagogue; 1f54e menorah; 1f552 three o'clock; "
+       "1f555 six o'clock; 1f558 nine o'clock; 1f55b twelve o'clock; 1f55e half past three; "
+       "1f561 half past six; 1f564 half past nine; 1f567 half past twelve; 1f575 detective; "
+       "1f579 joystick; 1f58b fountain pen; 1f58c paintbrush; 1f596 vulcan salute; "
+       "1f5a8 printer; 1f5c2 card index dividers; 1f5d3 spiral calendar; 1f5dc clamp; "
+       "1f5e8 left speech bubble; 1f5fb mount fuji; 1f5fd statue of liberty; "
+       "1f602 face with tears of joy; 1f606 grinning squinting face; 1f609 winking face; "
+       "1f60c relieved face; 1f60f smirking face; 1f612 unamused face; 1f616 confounded face; "
+       "1f617 kissing face; 1f61c winking face with tongue; 1f61f worried face; "
+       "1f621 enraged face; 1f627 anguished face; 1f628 fearful face; 1f62c grimacing face; "
+       "1f631 face screaming in fear; 1f632 astonished face; 1f637 face with medical mask; "
+       "1f639 cat with tears of joy; 1f63d kissing cat; 1f641 slightly frowning face; "
+       "1f646 person gesturing ok; 1f64b person raising hand; 1f64e person pouting; "
+       "1f680 rocket; 1f683 railway car; 1f689 station; 1f68a tram; 1f690 minibus; "
+       "1f693 police car; 1f694 oncoming police car; 1f699 sport utility vehicle; "
+       "1f69c tractor; 1f69f suspension railway; 1f6a2 ship; 1f6a7 construction; "
+       "1f6ac cigarette; 1f6b1 non-potable water; 1f6b2 bicycle; 1f6b6 person walking; "
+       "1f6b9 men's room; 1f6be water closet; 1f6c3 customs; 1f6cd shopping bags; "
+       "1f6d2 shopping cart; 1f6e1 shield; 1f6e4 railway track; 1f6ec airplane arrival; "
+       "1f6f5 motor scooter; 1f6f8 flying saucer; 1f912 face with thermometer; 1f916 robot; "
+       "1f91a raised back of hand; 1f91d handshake; 1f922 nauseated face; "
+       "1f926 person facepalming; 1f927 sneezing face; 1f92b shushing face; "
+       "1f92f exploding head; 1f935 person in tuxedo; 1f938 person cartwheeling; "
+       "1f93c people wrestling; 1f940 wilted flower; 1f94a boxing glove; 1f950 croissant; "
+       "1f953 bacon; 1f956 baguette; 1f959 stuffed flatbread; 1f95c peanuts; 1f95f dumpling; "
+       "1f962 chopsticks; 1f967 pie; 1f96b canned food; 1f980 crab; 1f983 turkey; 1f986 duck; "
+       "1f989 owl; 1f98c deer; 1f98f rhinoceros; 1f992 giraffe; 1f9c0 cheese wedge; "
+       "1f9d0 face with monocle; 1f9d4 person beard; 1f9db vampire; 1f9e0 brain; "
+       "1f9e1 orange heart; 1f9e4 gloves")
+#: mini world: the source task keeps this many classes (others keep max_classes_per_task)
+_MINI_SOURCE_CLASSES = 30
+
+
 def _evenly(n: int, k: int) -> list[int]:
     """k indices spread evenly over range(n) (deterministic subsampling for the mini world)."""
     if k >= n:
@@ -238,18 +330,25 @@ def _evenly(n: int, k: int) -> list[int]:
 
 
 def get_tasks(cfg: WorldConfig | None = None) -> dict[str, TaskSpec]:
-    """The task suite of a configuration (mini: each task capped to a few classes)."""
+    """The task suite of a configuration, the source task last (mini: each task capped to a
+    few classes)."""
     from .config import get_config
 
     cfg = cfg or get_config()
     cap = getattr(cfg, "max_classes_per_task", None)
     out: dict[str, TaskSpec] = {}
-    for t in TASKS:
+    for t in (*TASKS, SOURCE):
         classes = t.classes
-        if cap is not None and len(classes) > cap:
-            classes = tuple(classes[i] for i in _evenly(len(classes), cap))
+        k = cap if t.name != SOURCE_TASK or cap is None else max(cap, _MINI_SOURCE_CLASSES)
+        if k is not None and len(classes) > k:
+            classes = tuple(classes[i] for i in _evenly(len(classes), k))
         out[t.name] = TaskSpec(t.name, t.description, t.difficulty, classes)
     return out
+
+
+def downstream_tasks(names) -> list[str]:
+    """The task names other than the source task (the 21 tasks tables average over)."""
+    return [n for n in names if n != SOURCE_TASK]
 
 
 def task_concept_ids(cfg: WorldConfig | None = None) -> list[str]:

@@ -1,7 +1,15 @@
 """LiT-style training of the built-in model's image tower against the frozen MiniLM.
 
-Data: `cfg.pretrain_per_concept` colour renders per concept (seeds from PRETRAIN_SEED_BASE,
-below the task seeds, so no task image is ever seen), each paired with a *noisy* caption:
+Data (`pretrain_plan`; the no-leak rule of docs/design.md):
+- `cfg.pretrain_per_concept` colour renders of every concept (seeds from PRETRAIN_SEED_BASE,
+  below the task seeds, so no task image is ever seen);
+- `sketch_per_concept` Symbola (sketch) renders of the concepts that no task uses: a web
+  corpus holds drawings of many things, but never a render of a task concept in any domain
+  other than colour;
+- style augmentations of the colour renders in the training loop (greyscale, edge line-art,
+  ink silhouettes of the object's mask) — for every concept, as web photos come in every
+  style.
+Each image is paired with a *noisy* caption:
 - clean: a template over one of the concept's names/keywords ("a photo of a dog.");
 - partial: a template over a single word of the name ("a photo of a face.") — web alt-text
   is often that vague, and it is what makes look-alike classes (clock faces, smileys, hand
@@ -10,10 +18,13 @@ below the task seeds, so no task image is ever seen), each paired with a *noisy*
 Captions are encoded once by the frozen text tower; the loss is the symmetric in-batch
 contrastive loss with the learnt temperature, where every pair whose captions describe the
 same concept counts as a positive (soft targets), so repeats of a concept in a batch are not
-pushed apart. The sketch domain is never seen, so zero-shot on it measures transfer.
+pushed apart. No task concept is seen as a sketch, rendition, v2 or adversarial render, so
+zero-shot there measures transfer.
 
 Everything is seeded; one run on one machine with the same thread count gives identical
-weights. The model directory is written to a temporary sibling and renamed into place.
+weights, but other thread counts need not (float reductions): the full world's model ships
+with the package as a versioned artefact (`world.artefacts`), so every machine uses the same.
+The model directory is written to a temporary sibling and renamed into place.
 """
 from __future__ import annotations
 
@@ -36,7 +47,7 @@ from .config import WorldConfig
 from .model import IMAGE_MEAN, IMAGE_STD, BuiltinModel, ModelConfig, VisionConfig
 
 #: bump when training changes what it produces (part of the world's cache key via the builder)
-TRAIN_VERSION = "1"
+TRAIN_VERSION = "2"
 #: pretraining render seeds: PRETRAIN_SEED_BASE + k * SEED_STRIDE + code point (< 2**32)
 PRETRAIN_SEED_BASE = 10_000_000
 SEED_STRIDE = 1_000_000
@@ -66,6 +77,9 @@ class TrainConfig:
     p_partial: float = 0.2            # per-step chance a caption is a vague one-word one
     p_grey: float = 0.0               # per-step chance an image is shown in greyscale
     p_lineart: float = 0.0            # per-step chance it is shown as a dark-on-light edge map
+    p_silhouette: float = 0.0         # per-step chance it is shown as ink on paper (its mask)
+    p_drawing: float = 0.0            # per-step chance it is an ink drawing (contour + edges)
+    sketch_per_concept: int = 0       # Symbola renders per concept that no task uses
     loss: str = "bank"                # "bank": against every caption; "inbatch": CLIP's
     seed: int = 0
     max_threads: int = 8
@@ -77,11 +91,11 @@ class TrainConfig:
 _FULL_MODEL = ModelConfig(VisionConfig(patch=16, width=128, depth=6, heads=4,
                                        stem_channels=(16, 32, 64, 128), stem_norm=True),
                           init_logit_scale=30.0)
-_RECIPE = dict(batch_size=64, lr=1e-3, p_wrong=0.15, p_partial=0.2, p_grey=0.1, p_lineart=0.15,
-               loss="bank")
+_RECIPE = dict(batch_size=64, lr=1e-3, p_wrong=0.08, p_partial=0.15, p_grey=0.05,
+               p_lineart=0.05, p_silhouette=0.1, p_drawing=0.25, loss="bank")
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
-    "full": TrainConfig(model=_FULL_MODEL, epochs=10, **_RECIPE),
-    "mini": TrainConfig(model=_FULL_MODEL, epochs=12, **_RECIPE),
+    "full": TrainConfig(model=_FULL_MODEL, epochs=16, sketch_per_concept=16, **_RECIPE),
+    "mini": TrainConfig(model=_FULL_MODEL, epochs=12, sketch_per_concept=3, **_RECIPE),
 }
 
 
@@ -140,13 +154,23 @@ def build_captions(concepts: Sequence, tcfg: TrainConfig, progress: bool,
 # images
 
 def pretrain_items(concepts: Sequence, per_concept: int) -> list[tuple[object, int]]:
-    """(concept, seed) pairs of the pretraining renders; a seed depends only on (code point,
-    k), so the mini world's renders are a subset of the full world's."""
+    """(concept, seed) pairs of k = 0..per_concept-1 renders; a seed depends only on (code
+    point, k), so the mini world's renders are a subset of the full world's."""
     top = PRETRAIN_SEED_BASE + per_concept * SEED_STRIDE
     if top >= 2 ** 32:
         raise ValueError("pretrain_per_concept too large for the pretraining seed range")
     return [(c, PRETRAIN_SEED_BASE + k * SEED_STRIDE + c.codepoint)
             for k in range(per_concept) for c in concepts]
+
+
+def pretrain_plan(cfg: WorldConfig, concepts: Sequence) -> dict[str, list[tuple[object, int]]]:
+    """domain → (concept, seed) of every pretraining render: colour renders of every concept,
+    sketch renders of the concepts no task uses (the no-leak rule; tested)."""
+    from .tasks import task_concept_ids
+    used = set(task_concept_ids(cfg))
+    free = [c for c in concepts if c.id not in used]
+    return {"colour": pretrain_items(concepts, cfg.pretrain_per_concept),
+            "sketch": pretrain_items(free, train_config_for(cfg).sketch_per_concept)}
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -164,13 +188,27 @@ def _line_art(grey: torch.Tensor) -> torch.Tensor:
     return (1 - 1.5 * mag).clamp(0, 1)
 
 
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _drawing(grey: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B,1,H,W] grey and object mask -> stroke strength in [0,1]: the mask's contour plus
+    the object's inner edges, as a pen drawing of the object would have them."""
+    contour = F.max_pool2d(mask, 3, 1, 1) + F.max_pool2d(-mask, 3, 1, 1)   # dilate − erode
+    inner = 1 - _line_art(grey)                                            # edge magnitude
+    return (contour + 1.2 * (inner > 0.35).float() * inner * mask).clamp(0, 1)
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, p_grey: float,
-            p_lineart: float = 0.0) -> torch.Tensor:
-    """Cheap batched augmentation on [B,3,H,W] in [0,1]: random scale (0.87–1.15) and shift
-    (±8%), border-replicated; optional greyscale and line-art views. Renders already vary
-    pose, background and colour; this keeps epochs over the same renders from memorising
-    pixels, and the rare colourless views stand in for the few drawings in web data (so the
-    sketch domain is recognisable, yet clearly harder than the colour one)."""
+            p_lineart: float = 0.0, p_silhouette: float = 0.0,
+            p_drawing: float = 0.0) -> torch.Tensor:
+    """Cheap batched augmentation on [B,C,H,W] in [0,1] (C = 4: the 4th channel is the
+    object's mask, 0 where unknown): random scale (0.87–1.15) and shift (±8%),
+    border-replicated; then at most one style per image — greyscale, line-art (edges of the
+    grey image), an ink silhouette of the mask on paper, or an ink drawing (contour and
+    inner edges) on paper. Renders already vary pose,
+    background and colour; this keeps epochs over the same renders from memorising pixels,
+    and the colourless views stand in for the drawings and renditions of web data."""
     b = x.shape[0]
     s = torch.empty(b).uniform_(0.87, 1.15, generator=gen)
     t = torch.empty(b, 2).uniform_(-0.08, 0.08, generator=gen)
@@ -179,17 +217,27 @@ def augment(x: torch.Tensor, gen: torch.Generator, p_grey: float,
     theta[:, :, 2] = t
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if p_grey > 0:
-        g = torch.rand(b, generator=gen) < p_grey
-        grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        x = torch.where(g.view(b, 1, 1, 1), grey.expand_as(x), x)
-    if p_lineart > 0:
-        g = torch.rand(b, generator=gen) < p_lineart
-        if bool(g.any()):
-            grey = (x[g] * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-            x = x.clone()
-            x[g] = _line_art(grey).expand(-1, 3, -1, -1)
-    return x
+    mask = x[:, 3:4] if x.shape[1] == 4 else torch.zeros_like(x[:, :1])
+    x = x[:, :3]
+    u = torch.rand(b, generator=gen)
+    paper = torch.empty(b, 3, 1, 1).uniform_(0.82, 1.0, generator=gen)
+    ink = torch.empty(b, 3, 1, 1).uniform_(0.0, 0.3, generator=gen)
+    grey = (x * torch.tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    g = (u < p_grey).view(b, 1, 1, 1)
+    la = ((u >= p_grey) & (u < p_grey + p_lineart)).view(b, 1, 1, 1)
+    has_mask = mask.flatten(1).amax(1) > 0.5
+    c1 = p_grey + p_lineart
+    sil = ((u >= c1) & (u < c1 + p_silhouette) & has_mask).view(b, 1, 1, 1)
+    dra = ((u >= c1 + p_silhouette) & (u < c1 + p_silhouette + p_drawing)
+           & has_mask).view(b, 1, 1, 1)
+    out = torch.where(g, grey.expand_as(x), x)
+    if bool(la.any()):
+        out = torch.where(la, _line_art(grey).expand_as(x), out)
+    if bool(sil.any()):
+        out = torch.where(sil, paper + (ink - paper) * mask, out)
+    if bool(dra.any()):
+        out = torch.where(dra, paper + (ink - paper) * _drawing(grey, mask), out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +304,7 @@ def fit(model: BuiltinModel, images: torch.Tensor, concept_of: torch.Tensor,
         for s in range(steps_per_epoch):
             idx = perm[s * bs:(s + 1) * bs]
             x = _normalise(augment(images[idx].float().div_(255), gen, tcfg.p_grey,
-                                      tcfg.p_lineart))
+                                   tcfg.p_lineart, tcfg.p_silhouette, tcfg.p_drawing))
             v = F.normalize(model.visual(x), dim=-1)
             if tcfg.loss == "bank":
                 logits = model.logit_scale * v @ bank.embeddings.T
@@ -291,7 +339,7 @@ def layer_statistics(model: BuiltinModel, images: torch.Tensor, batch_size: int 
     the "source statistics" distribution-alignment test-time methods (PromptAlign) need."""
     sums, sq, count = None, None, 0
     for s in range(0, images.shape[0], batch_size):
-        x = _normalise(images[s:s + batch_size].float().div_(255))
+        x = _normalise(images[s:s + batch_size, :3].float().div_(255))
         _, inputs = model.visual(x, return_layer_inputs=True)
         h = torch.stack([i.flatten(0, 1) for i in inputs])       # [L, B*T, W]
         sums = h.sum(1) if sums is None else sums + h.sum(1)
@@ -317,11 +365,18 @@ def train_builtin_model(cfg: WorldConfig, concepts: list, out_dir: Path,
     t0 = time.time()
     try:
         torch.manual_seed(tcfg.seed)
-        items = pretrain_items(concepts, cfg.pretrain_per_concept)
-        arr = render_batch(items, "colour", cfg.image_size, progress=progress)
+        plan = pretrain_plan(cfg, concepts)
+        arrs = [render_batch(plan["colour"], "colour", cfg.image_size, progress=progress,
+                             with_mask=True)]
+        if plan["sketch"]:
+            sk = render_batch(plan["sketch"], "sketch", cfg.image_size, progress=progress)
+            arrs.append(np.concatenate([sk, np.zeros_like(sk[..., :1])], -1))  # no mask
+        arr = np.concatenate(arrs)
+        del arrs
         t_render = time.time() - t0
         images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
         index = {c.id: i for i, c in enumerate(concepts)}
+        items = plan["colour"] + plan["sketch"]
         concept_of = torch.tensor([index[c.id] for c, _ in items])
         t1 = time.time()
         bank = build_captions(concepts, tcfg, progress)
@@ -333,7 +388,8 @@ def train_builtin_model(cfg: WorldConfig, concepts: list, out_dir: Path,
         stats = layer_statistics(model, images[:: max(1, images.shape[0] // 2048)])
         meta = {"world": cfg.key(), "world_config": asdict(cfg), "train": tcfg.to_json(),
                 "train_version": TRAIN_VERSION, "n_concepts": len(concepts),
-                "n_images": int(images.shape[0]), "n_captions": int(bank.embeddings.shape[0]),
+                "n_images": int(images.shape[0]),
+                "n_images_by_domain": {d: len(v) for d, v in plan.items()}, "n_captions": int(bank.embeddings.shape[0]),
                 "seconds": {"render": round(t_render, 1), "captions": round(t_text, 1),
                             "fit": round(t_fit, 1), "total": round(time.time() - t0, 1)},
                 "log": log}
