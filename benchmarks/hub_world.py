@@ -121,7 +121,8 @@ def main() -> None:
     sizes = [int(s) for s in a.sizes.split(",") if int(s) <= len(models)]
     orders = [list(rng.permutation(models)) for _ in range(a.orders)]
     rows = []
-    tasks = a.tasks.split(",") if a.tasks else list(world.tasks)
+    from anyclass.world.tasks import downstream_tasks
+    tasks = a.tasks.split(",") if a.tasks else downstream_tasks(world.tasks)
     for task in tasks:
         for domain in ("colour", "sketch"):
             ds = load_dataset(f"world:{task}@{domain}", "test")

@@ -73,6 +73,11 @@ def cmd_world(a) -> int:
     world = ensure_world(get_config(a.config), progress=True)
     if a.world_cmd == "build":
         print(f"world ready at {world.root}")
+    elif a.world_cmd == "artefacts":
+        from ..world.artefacts import ARTEFACT_ROOT, export
+        m = export(world, a.out or ARTEFACT_ROOT)
+        print(f"wrote {a.out or ARTEFACT_ROOT}: model {m['model']['key']}, "
+              f"{len(m['experts']['experts'])} experts {m['experts']['key']}")
     else:
         print("\n".join(describe_tasks(world)))
     return 0
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_classify)
 
     e = sub.add_parser("eval", help="evaluate a method on a dataset, write a result JSON")
-    e.add_argument("--dataset", required=True, help="world:TASK[@colour|@sketch], folder:DIR, "
+    e.add_argument("--dataset", required=True, help="world:TASK[@DOMAIN] (colour, sketch, rendition, v2, adversarial), folder:DIR, "
                    "csv:FILE, coop:NAME@ROOT")
     e.add_argument("--method", default="zeroshot")
     e.add_argument("--backbone", default="builtin")
@@ -140,9 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("world", help="the offline world: build it, list its tasks")
     wsub = w.add_subparsers(dest="world_cmd", required=True)
-    for name in ("build", "tasks"):
-        x = wsub.add_parser(name)
+    for name, what in (("build", "build the world (shipped weights where they match)"),
+                       ("tasks", "list the tasks"),
+                       ("artefacts", "train what is missing and write the shipped artefacts")):
+        x = wsub.add_parser(name, help=what)
         x.add_argument("--config", default=None, help="full or mini (default: $ANYCLASS_WORLD or full)")
+        if name == "artefacts":
+            x.add_argument("--out", type=Path, default=None,
+                           help="folder to write (default: the package's resources/world)")
         x.set_defaults(fn=cmd_world)
 
     r = sub.add_parser("report", help="markdown table (and bar chart) from result JSON files")

@@ -1,6 +1,7 @@
 """Dataset specs -> LabeledImages.
 
-    world:<task>[@colour|@sketch]   the offline world's tasks (default domain colour)
+    world:<task>[@<domain>]         the offline world's tasks (default domain colour; also
+                                    sketch, rendition, v2, adversarial)
     folder:<dir>                    one sub-folder per class (optionally under train/val/test)
     csv:<file>                      columns path,label (+ optional classname, split)
     coop:<name>@<root>              CoOp's DATASETS.md layout (11 datasets + ImageNet variants)
@@ -89,11 +90,18 @@ def _decode(raw: bytes, path: str) -> str:
 
 @SOURCES.register("world")
 def world_source(arg: str, split: str) -> LabeledImages:
-    """world:<task>[@colour|@sketch]: a task of the offline world (built on first use)."""
+    """world:<task>[@<domain>]: a task of the offline world in one of its domains (colour,
+    sketch, rendition, v2, adversarial), built on first use; checked before any build."""
     task, _, domain = arg.partition("@")
     domain = {"": "colour", "color": "colour"}.get(domain, domain)
-    if domain not in ("colour", "sketch"):
-        raise SpecError(f"world:{arg}: unknown domain {domain!r} (colour or sketch)")
+    from ..world.config import get_config
+    from ..world.render import DOMAINS
+    from ..world.tasks import get_tasks
+    if domain not in DOMAINS:
+        raise SpecError(f"world:{arg}: unknown domain {domain!r} (known: {', '.join(DOMAINS)})")
+    known = get_tasks(get_config())
+    if task not in known:
+        raise SpecError(f"world:{arg}: unknown task {task!r} (known: {', '.join(known)})")
     from ..world.build import ensure_world
     world = ensure_world()
     split_file = world.split_file(task, domain)

@@ -5,6 +5,8 @@ Layout of `World.root`:
   concepts.json                          the world's concepts (fields of `Concept`)
   images/<domain>/<task>/<split>/<concept id>_<k>.png
   tasks/<task>/split_<domain>.json       CoOp format; relpaths relative to `World.image_root`
+                                         (colour and sketch built with the world; rendition,
+                                         v2 and adversarial per task on first use)
   model/                                 the built-in model (written by world.train)
   DONE                                   json: config, versions, counts, timings
 
@@ -28,10 +30,12 @@ from ..locks import build_lock
 from ..paths import home
 from .concepts import Concept, load_concepts
 from .config import WORLD_VERSION, WorldConfig, get_config
-from .render import DOMAINS, TASK_SEED_BASE
+from .render import DOMAINS, TASK_SEED_BASE, render_to_files
 from .tasks import DIFFICULTY, TaskSpec, get_tasks, validate_tasks
 
 SPLITS = ("train", "val", "test")
+#: domains rendered when the world is built; the others are rendered per task on first use
+EAGER_DOMAINS = ("colour", "sketch")
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,10 @@ class World:
     def domains(self) -> tuple[str, ...]:
         return DOMAINS
 
-    def split_file(self, task: str, domain: str = "colour") -> Path:
+    def split_file(self, task: str, domain: str = "colour", progress: bool = True) -> Path:
+        """The task's CoOp split file in `domain`, rendering that domain first if needed."""
         self._check(task, domain)
-        return self.root / "tasks" / task / f"split_{domain}.json"
+        return ensure_task_domain(self, task, domain, progress)
 
     def read_split(self, task: str, domain: str = "colour") -> dict[str, list[list]]:
         """{"train"|"val"|"test": [[relpath, label, classname], ...]}."""
@@ -98,11 +103,14 @@ def world_root(cfg: WorldConfig) -> Path:
     return home() / "world" / cfg.key()
 
 
-def image_seed(cfg: WorldConfig, task: str, split: str, concept_id: str, k: int) -> int:
+def image_seed(cfg: WorldConfig, task: str, split: str, concept_id: str, k: int,
+               domain: str = "colour") -> int:
     """Seed of the k-th image of a concept in a task split: disjoint across splits and tasks
-    (hash), and from pretraining (≥ TASK_SEED_BASE). Shared by both domains, so colour and
-    sketch images of one split are paired (same draw index), which domain-shift studies like."""
-    h = hashlib.sha256(f"{cfg.seed}|{task}|{split}|{concept_id}|{k}".encode()).digest()
+    (hash), and from pretraining (≥ TASK_SEED_BASE). Shared by colour, sketch and rendition,
+    so their images of one split are paired (same draw), which domain-shift studies like;
+    v2 re-samples with fresh seeds (a "v2" tag in the hash), as ImageNet-V2 re-collected."""
+    tag = "v2|" if domain == "v2" else ""
+    h = hashlib.sha256(f"{cfg.seed}|{tag}{task}|{split}|{concept_id}|{k}".encode()).digest()
     return TASK_SEED_BASE + int.from_bytes(h[:7], "big")
 
 
@@ -127,7 +135,8 @@ def _split_entries(cfg: WorldConfig, spec: TaskSpec, domain: str
         for label, (cid, cname) in enumerate(zip(spec.concept_ids, spec.classnames)):
             for k in range(per[split]):
                 rel = f"{domain}/{spec.name}/{split}/{cid}_{k:03d}.png"
-                rows.append((rel, label, cname, cid, image_seed(cfg, spec.name, split, cid, k)))
+                rows.append((rel, label, cname, cid,
+                             image_seed(cfg, spec.name, split, cid, k, domain)))
         out[split] = rows
     return out
 
@@ -156,10 +165,17 @@ def _open(cfg: WorldConfig, root: Path) -> World | None:
         rows = json.loads((root / "concepts.json").read_text())
     except (OSError, ValueError):
         return None
-    if info.get("key") != cfg.key():
-        return None
+    if info.get("key") != cfg.key() or _model_key(root) != cfg.model_key():
+        return None          # (a new model recipe: the build replaces the model only)
     concepts = [Concept(**{**r, "keywords": tuple(r["keywords"])}) for r in rows]
     return World(root, cfg, _task_infos(cfg, get_tasks(cfg)), concepts, info)
+
+
+def _model_key(root: Path) -> str | None:
+    try:
+        return json.loads((root / "model.json").read_text()).get("key")
+    except (OSError, ValueError):
+        return None
 
 
 def ensure_world(cfg: WorldConfig | None = None, progress: bool = True) -> World:
@@ -200,32 +216,15 @@ def build_world(cfg: WorldConfig | None = None, progress: bool = True,
         timings["concepts_s"] = round(time.perf_counter() - t0, 2)
         steps.update()
 
-        # 2. task images and split files, per domain
+        # 2. task images and split files of the eager domains
         t0 = time.perf_counter()
         steps.set_postfix_str("images")
         by_id = {c.id: c for c in concepts}
         n_images = 0
-        for domain in DOMAINS:
+        for domain in EAGER_DOMAINS:
             entries = {n: _split_entries(cfg, s, domain) for n, s in specs.items()}
-            pending = [n for n in specs if not _split_path(root, n, domain).exists()]
-            if not pending:
-                continue
             _check_seeds(entries)
-            items = []
-            for n in pending:
-                for split, rows in entries[n].items():
-                    (root / "images" / domain / n / split).mkdir(parents=True, exist_ok=True)
-                    for rel, _, _, cid, seed in rows:
-                        path = root / "images" / rel
-                        if not path.exists():   # written atomically: exists ⇒ complete
-                            items.append((by_id[cid], seed, path))
-            from .render import render_to_files
-            n_images += render_to_files(items, domain, cfg.image_size, progress=progress,
-                                        desc=f"render {domain}")
-            for n in pending:
-                _write_json(_split_path(root, n, domain),
-                            {s: [[r[0], r[1], r[2]] for r in rows]
-                             for s, rows in entries[n].items()})
+            n_images += _render_splits(root, cfg, entries, domain, by_id, progress)
         timings["render_s"] = round(time.perf_counter() - t0, 2)
         timings["rendered_images"] = n_images
         steps.update()
@@ -234,10 +233,14 @@ def build_world(cfg: WorldConfig | None = None, progress: bool = True,
         t0 = time.perf_counter()
         steps.set_postfix_str("model")
         model_marker = root / "model.json"
-        if not model_marker.exists():
-            from .train import train_builtin_model
-            path = train_builtin_model(cfg, concepts, root / "model", progress=progress)
-            _write_json(model_marker, {"path": os.path.relpath(path, root)})
+        if _model_key(root) != cfg.model_key():
+            from .artefacts import install_model
+            shipped = install_model(cfg, root / "model")
+            if not shipped:
+                from .train import train_builtin_model
+                train_builtin_model(cfg, concepts, root / "model", progress=progress)
+            _write_json(model_marker, {"path": "model", "key": cfg.model_key(),
+                                       "shipped": shipped})
         timings["model_s"] = round(time.perf_counter() - t0, 2)
         steps.update()
 
@@ -249,13 +252,84 @@ def build_world(cfg: WorldConfig | None = None, progress: bool = True,
             "n_synsets": sum(c.synset is not None for c in concepts),
             "tasks": {n: {"classes": t.num_classes, **t.counts} for n, t in infos.items()},
             "images_per_domain": sum(sum(t.counts.values()) for t in infos.values()),
-            "model": json.loads(model_marker.read_text())["path"],
+            "model": json.loads(model_marker.read_text()),
             "timings": timings, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         _write_json(root / "DONE", info)
         steps.update()
         steps.close()
         return World(root, cfg, infos, concepts, info)
+
+
+def _render_splits(root: Path, cfg: WorldConfig, entries: dict[str, dict[str, list]],
+                   domain: str, by_id: dict, progress: bool) -> int:
+    """Render the missing images of tasks whose split file in `domain` is missing, then
+    write those split files (a split file exists only once all its images do)."""
+    pending = [n for n in entries if not _split_path(root, n, domain).exists()]
+    items = []
+    for n in pending:
+        for split, rows in entries[n].items():
+            (root / "images" / domain / n / split).mkdir(parents=True, exist_ok=True)
+            for rel, _, _, cid, seed in rows:
+                path = root / "images" / rel
+                if not path.exists():   # written atomically: exists ⇒ complete
+                    items.append((by_id[cid], seed, path))
+    n_images = render_to_files(items, domain, cfg.image_size, progress=progress,
+                               desc=f"render {domain}")
+    for n in pending:
+        _write_json(_split_path(root, n, domain),
+                    {s: [[r[0], r[1], r[2]] for r in rows] for s, rows in entries[n].items()})
+    return n_images
+
+
+def ensure_task_domain(world: World, task: str, domain: str, progress: bool = True) -> Path:
+    """The split file of `task` in `domain`, rendered (and, for adversarial, filtered) on
+    first use under the world's build lock; resumable like the world build."""
+    path = _split_path(world.root, task, domain)
+    if path.exists():
+        return path
+    with _locked(world.cfg, progress):
+        if path.exists():
+            return path
+        spec = get_tasks(world.cfg)[task]
+        by_id = {c.id: c for c in world.concepts}
+        if domain == "adversarial":
+            _build_adversarial(world, spec, progress)
+        else:
+            _render_splits(world.root, world.cfg, {task: _split_entries(world.cfg, spec, domain)},
+                           domain, by_id, progress)
+    return path
+
+
+def _build_adversarial(world: World, spec: TaskSpec, progress: bool) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from .adversarial import select
+    chosen = select(world, spec, _per_class(world.cfg), progress)
+    label = {cid: j for j, cid in enumerate(spec.concept_ids)}
+    splits: dict[str, list] = {}
+    scores, right = [], []
+    for split, rows in chosen.items():
+        d = world.root / "images" / "adversarial" / spec.name / split
+        d.mkdir(parents=True, exist_ok=True)
+        count: dict[str, int] = {}
+        out = []
+        for cid, _seed, img, score, ok in rows:
+            k = count[cid] = count.get(cid, -1) + 1
+            rel = f"adversarial/{spec.name}/{split}/{cid}_{k:03d}.png"
+            path = world.root / "images" / rel
+            tmp = path.with_name(f".{path.name}.tmp")
+            Image.fromarray(np.ascontiguousarray(img)).save(tmp, format="PNG", compress_level=2)
+            os.replace(tmp, path)
+            out.append([rel, label[cid], spec.classnames[label[cid]]])
+            scores.append(score)
+            right.append(ok)
+        splits[split] = out
+    _write_json(world.root / "tasks" / spec.name / "adversarial_filter.json",
+                {"expert": "tasks-cnn-colour", "mean_true_prob": float(np.mean(scores)),
+                 "fooled_share": 1.0 - float(np.mean(right))})
+    _write_json(_split_path(world.root, spec.name, "adversarial"), splits)
 
 
 def _split_path(root: Path, task: str, domain: str) -> Path:

@@ -39,7 +39,7 @@ from ..errors import SpecError
 from ..locks import build_lock
 
 #: bump when anything that changes what an expert learns changes (data, training, archs)
-EXPERTS_VERSION = "1"
+EXPERTS_VERSION = "2"
 EXPERT_SEED_BASE = 2 ** 61
 _K_STRIDE = 2 ** 21            # > max Unicode code point
 HELDOUT_K0 = 1 << 16           # held-out renders use k >= this
@@ -63,6 +63,7 @@ class Subset:
     ranges: tuple[tuple[int, int], ...] = ()
     max_concepts: int | None = None
     everything: bool = False
+    all_tasks: bool = False        # every concept any task uses (never thinned, mini included)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,11 @@ SKY = Subset("sky", tasks=("weather", "moon_phases"), ranges=((0x1F311, 0x1F31E)
 SYMBOLS = Subset("symbols", tasks=("zodiac", "hearts", "arrows"), ranges=((0x2190, 0x21FF), (0x2648, 0x2653)))
 BODY = Subset("body", lexnames=("noun.body",))
 EVERYTHING = Subset("everything", everything=True)
+TASK_CONCEPTS = Subset("tasks", all_tasks=True)
+
+#: the expert that filters the adversarial domain (ImageNet-A's ResNet-50): every task
+#: concept, colour only; never the built-in model
+ADVERSARIAL_FILTER = "tasks-cnn-colour"
 
 _CNN_S = Arch("cnn", 32, widths=(16, 32, 64))
 _CNN_M = Arch("cnn", 32, widths=(32, 64, 128))
@@ -148,6 +154,7 @@ HUBS: dict[str, tuple[ExpertRecipe, ...]] = {
         ExpertRecipe("symbols-cnn-colour", _CNN_W, SYMBOLS, "colour", 20, 10),
         ExpertRecipe("body-mlp-sketch", _MLP, BODY, "sketch", 8, 10, batch_size=128),
         ExpertRecipe("everything-mlp-colour", _MLP_W, EVERYTHING, "colour", 6, 12, batch_size=128),
+        ExpertRecipe(ADVERSARIAL_FILTER, _CNN_W, TASK_CONCEPTS, "colour", 16, 10, batch_size=64),
     ),
     "mini": (
         ExpertRecipe("animals-cnn-colour", Arch("cnn", 32, widths=(16, 32, 48)), ANIMALS, "colour", 10, 10),
@@ -158,6 +165,8 @@ HUBS: dict[str, tuple[ExpertRecipe, ...]] = {
         ExpertRecipe("symbols-cnn-colour", Arch("cnn", 32, widths=(16, 32, 48)), SYMBOLS, "colour", 10, 10),
         ExpertRecipe("objects-mnv3-colour", Arch("timm", 32, timm_name="mobilenetv3_small_050"),
                      Subset("objects", tasks=("objects", "tools"), max_concepts=16), "colour", 12, 10),
+        ExpertRecipe(ADVERSARIAL_FILTER, Arch("cnn", 32, widths=(16, 32, 64)), TASK_CONCEPTS,
+                     "colour", 8, 10),
     ),
 }
 #: the mini world's concepts are a subset: cap every mini subset (tests stay fast)
@@ -183,12 +192,15 @@ def hub_dir(world) -> Path:
 
 def select_concepts(world, subset: Subset) -> list:
     """The world's concepts in `subset`, in code point order."""
-    from .tasks import get_tasks
+    from .tasks import get_tasks, task_concept_ids
     from .wordnet import get_wordnet
     concepts = list(world.concepts)
     task_ids: set[str] = set()
     if subset.everything:
         chosen = concepts
+    elif subset.all_tasks:
+        ids = set(task_concept_ids(world.cfg))
+        return [c for c in concepts if c.id in ids]
     else:
         tasks = get_tasks(world.cfg)
         for t in subset.tasks:
@@ -470,6 +482,27 @@ def ensure_world_experts(world=None, progress: bool = True) -> list[str]:
     return [f"world-expert:{r.name}" for r in recipes]
 
 
+def _install_or_train(world, recipe: ExpertRecipe, out: Path, progress: bool) -> dict:
+    """The shipped weights when they exist for this hub recipe and check out, else training."""
+    from .artefacts import install_expert
+    if install_expert(world, recipe.name, out):
+        return {**json.loads((out / META_FILE).read_text()), "shipped": True}
+    return train_expert(world, recipe, out, progress=progress)
+
+
+def ensure_expert(world, name: str, progress: bool = True) -> Path:
+    """The directory of one expert of the world's hub, training only that one if missing."""
+    recipe = {r.name: r for r in recipes_for(world)}[name]
+    key, root = hub_key(world), hub_dir(world)
+    out = root / name
+    if not ((out / META_FILE).is_file() and (out / WEIGHTS_FILE).is_file()):
+        with _locked(root.parent / f"{key}.lock", progress):
+            if not ((out / META_FILE).is_file() and (out / WEIGHTS_FILE).is_file()):
+                root.mkdir(parents=True, exist_ok=True)
+                _install_or_train(world, recipe, out, progress)
+    return out
+
+
 def _build(world, recipes: Sequence[ExpertRecipe], root: Path, key: str, progress: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -477,8 +510,8 @@ def _build(world, recipes: Sequence[ExpertRecipe], root: Path, key: str, progres
         out = root / r.name
         if (out / META_FILE).is_file() and (out / WEIGHTS_FILE).is_file():
             continue
-        meta = train_expert(world, r, out, progress=progress)
-        if progress:
+        meta = _install_or_train(world, r, out, progress)
+        if progress and not meta.get("shipped"):
             print(f"expert {i + 1}/{len(recipes)} {r.name}: {len(meta['head_names'])} heads, "
                   f"held-out acc {meta['heldout_acc']} (chance {meta['chance']}), "
                   f"{meta['seconds']['total']} s", flush=True)
@@ -515,8 +548,7 @@ def load_world_expert(name: str, device: torch.device | str = "cpu", world=None)
     if name not in names:
         raise SpecError(f"unknown world expert {name!r} in world {world.cfg.name!r} "
                         f"(known: {', '.join(names)})")
-    ensure_world_experts(world)
-    d = hub_dir(world) / name
+    d = ensure_expert(world, name)
     meta = json.loads((d / META_FILE).read_text())
     model = WorldExpertNet(meta["arch"], len(meta["head_names"]))
     model.load_state_dict(load_state_dict(d / WEIGHTS_FILE))

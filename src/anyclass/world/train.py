@@ -91,10 +91,10 @@ class TrainConfig:
 _FULL_MODEL = ModelConfig(VisionConfig(patch=16, width=128, depth=6, heads=4,
                                        stem_channels=(16, 32, 64, 128), stem_norm=True),
                           init_logit_scale=30.0)
-_RECIPE = dict(batch_size=64, lr=1e-3, p_wrong=0.08, p_partial=0.15, p_grey=0.05,
-               p_lineart=0.05, p_silhouette=0.1, p_drawing=0.25, loss="bank")
+_RECIPE = dict(batch_size=64, lr=1e-3, p_wrong=0.03, p_partial=0.1, p_grey=0.05,
+               p_lineart=0.0, p_silhouette=0.1, p_drawing=0.25, loss="bank")
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
-    "full": TrainConfig(model=_FULL_MODEL, epochs=16, sketch_per_concept=16, **_RECIPE),
+    "full": TrainConfig(model=_FULL_MODEL, epochs=18, sketch_per_concept=16, **_RECIPE),
     "mini": TrainConfig(model=_FULL_MODEL, epochs=12, sketch_per_concept=3, **_RECIPE),
 }
 
