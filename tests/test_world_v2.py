@@ -130,7 +130,7 @@ def test_source_task_is_imagenet_like():
 
 @pytest.mark.parametrize("spec,message", [
     ("world:objects@photo", "unknown domain 'photo' (known: colour, sketch, rendition, v2, adversarial)"),
-    ("world:nope@sketch", "unknown task 'nope' (known: objects, animals,"),
+    ("world:nope@sketch", "unknown world task 'nope' (known: objects, animals,"),
 ])
 def test_bad_world_specs_fail_before_any_build(spec, message, monkeypatch):
     from anyclass.data import sources
@@ -228,13 +228,17 @@ def test_artefact_install_checks_key_and_checksum(tmp_path):
 
 # --- killed builds ------------------------------------------------------------------------------
 
+#: a smaller mini world (the mini recipes, fewer concepts and images): built three times
+_KILL_CFG = replace(CONFIGS["mini"], seed=7, max_concepts=150, max_classes_per_task=4,
+                    train_per_class=4, val_per_class=1, test_per_class=2)
 _BUILD = textwrap.dedent("""
     import sys
     from dataclasses import replace
     from anyclass.world.config import CONFIGS
     from anyclass.world.build import ensure_world
     from anyclass.world.experts import ensure_world_experts
-    cfg = replace(CONFIGS["mini"], seed=int(sys.argv[1]))
+    cfg = replace(CONFIGS["mini"], seed=int(sys.argv[1]), max_concepts=150,
+                  max_classes_per_task=4, train_per_class=4, val_per_class=1, test_per_class=2)
     w = ensure_world(cfg, progress=False)
     ensure_world_experts(w, progress=False)
     print("BUILT", w.root, flush=True)
@@ -265,7 +269,7 @@ def test_build_killed_in_each_phase_resumes(tmp_path):
     script = tmp_path / "build.py"
     script.write_text(_BUILD)
     cmd = [sys.executable, str(script), "7"]
-    cfg = replace(CONFIGS["mini"], seed=7)
+    cfg = _KILL_CFG
     root = tmp_path / "world" / cfg.key()
 
     def n_images():

@@ -101,7 +101,7 @@ def world_source(arg: str, split: str) -> LabeledImages:
         raise SpecError(f"world:{arg}: unknown domain {domain!r} (known: {', '.join(DOMAINS)})")
     known = get_tasks(get_config())
     if task not in known:
-        raise SpecError(f"world:{arg}: unknown task {task!r} (known: {', '.join(known)})")
+        raise SpecError(f"world:{arg}: unknown world task {task!r} (known: {', '.join(known)})")
     from ..world.build import ensure_world
     world = ensure_world()
     split_file = world.split_file(task, domain)

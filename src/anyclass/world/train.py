@@ -92,7 +92,7 @@ _FULL_MODEL = ModelConfig(VisionConfig(patch=16, width=128, depth=6, heads=4,
                                        stem_channels=(16, 32, 64, 128), stem_norm=True),
                           init_logit_scale=30.0)
 _RECIPE = dict(batch_size=64, lr=1e-3, p_wrong=0.03, p_partial=0.1, p_grey=0.05,
-               p_lineart=0.0, p_silhouette=0.1, p_drawing=0.25, loss="bank")
+               p_lineart=0.0, p_silhouette=0.1, p_drawing=0.35, loss="bank")
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "full": TrainConfig(model=_FULL_MODEL, epochs=18, sketch_per_concept=16, **_RECIPE),
     "mini": TrainConfig(model=_FULL_MODEL, epochs=12, sketch_per_concept=3, **_RECIPE),
@@ -217,6 +217,8 @@ def augment(x: torch.Tensor, gen: torch.Generator, p_grey: float,
     theta[:, :, 2] = t
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if p_grey + p_lineart + p_silhouette + p_drawing <= 0:
+        return x[:, :3]
     mask = x[:, 3:4] if x.shape[1] == 4 else torch.zeros_like(x[:, :1])
     x = x[:, :3]
     u = torch.rand(b, generator=gen)
@@ -361,7 +363,7 @@ def train_builtin_model(cfg: WorldConfig, concepts: list, out_dir: Path,
     out_dir = Path(out_dir)
     tcfg = train_config_for(cfg)
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(tcfg.max_threads, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(tcfg.max_threads, threads_before)))   # honours OMP_NUM_THREADS
     t0 = time.time()
     try:
         torch.manual_seed(tcfg.seed)
