@@ -224,7 +224,12 @@ def checks(a) -> None:
                 for src, (_, lab) in zip(m["sources"], m["items"])]
         prec[r["dataset"]] = round(100 * sum(hits) / max(1, len(hits)), 1)
     out["support_precision_pct"] = prec
+    out["support_precision_mean_pct"] = round(statistics.mean(prec.values()), 1) if prec else None
     out["pool_renders_per_concept"] = per
+    if getattr(a, "no_ablations", False):
+        (OUT / "checks.json").write_text(json.dumps(out, indent=1))
+        print(json.dumps({k: out[k] for k in ("paired", "support_precision_mean_pct")}, indent=1))
+        return
     # flip-crop augmentation vs plain cache features (chiral classes: moon phases, arrows),
     # and Tip-F's learning rate, 16 shots, seed 1
     bb = create_backbone("builtin")
@@ -313,7 +318,10 @@ def main() -> None:
     r.add_argument("--templates", default="single")
     r.add_argument("--results", default="results.jsonl", help="file under runs/adaptation/")
     sub.add_parser("report")
-    sub.add_parser("checks")
+    c = sub.add_parser("checks")
+    c.add_argument("--no-ablations", action="store_true",
+                   help="paired differences, searched values and support precision only "
+                        "(skip the augmentation / learning-rate re-runs)")
     sub.add_parser("oracle")
     a = ap.parse_args()
     {"run": run, "report": report, "checks": checks, "oracle": oracle}[a.cmd](a)

@@ -9,8 +9,14 @@ sha256 of every file. An artefact is used only when its key equals the running c
 and every checksum matches; a key mismatch means "not shipped for this recipe" (silently
 train), a checksum mismatch is refused with a warning and the thing is rebuilt.
 
-Rebuild (after a recipe change): `anyclass world artefacts --export` trains what is missing
-in the full world and rewrites this folder; commit it with the code change.
+Size (< 50 MB in all): the model and the adversarial filter expert ship in float32 (they
+define the zero-shot numbers and the adversarial domain's images); the other experts ship
+their weights rounded to float16 (loaded back into float32 models). Exporting re-installs
+the shipped files into the exporting machine's hub, so the numbers measured there are the
+ones every machine gets.
+
+Rebuild (after a recipe change): `anyclass world artefacts` trains what is missing in the
+full world and rewrites this folder; commit it with the code change.
 """
 from __future__ import annotations
 
@@ -87,7 +93,8 @@ def install_expert(world, name: str, dest: Path, root: Path | None = None) -> bo
 
 def export(world, root: Path | None = None, progress: bool = True) -> dict:
     """Write the world's model and every expert (trained first if needed) as artefacts."""
-    from .experts import META_FILE, WEIGHTS_FILE, ensure_world_experts, hub_dir, hub_key
+    from .experts import (ADVERSARIAL_FILTER, META_FILE, WEIGHTS_FILE, ensure_world_experts,
+                          hub_dir, hub_key)
     root = root or ARTEFACT_ROOT
     ensure_world_experts(world, progress)
     tmp = root.with_name(f".{root.name}.export-{os.getpid()}")
@@ -101,15 +108,29 @@ def export(world, root: Path | None = None, progress: bool = True) -> dict:
     experts = {}
     for d in sorted(hub_dir(world).iterdir()):
         if d.is_dir() and (d / META_FILE).is_file():
-            (tmp / "experts" / d.name).mkdir(parents=True)
-            experts[d.name] = {}
-            for f in (WEIGHTS_FILE, META_FILE):
-                shutil.copyfile(d / f, tmp / "experts" / d.name / f)
-                experts[d.name][f] = _sha256(d / f)
+            dst = tmp / "experts" / d.name
+            dst.mkdir(parents=True)
+            if d.name == ADVERSARIAL_FILTER:
+                shutil.copyfile(d / WEIGHTS_FILE, dst / WEIGHTS_FILE)
+            else:
+                _save_half(d / WEIGHTS_FILE, dst / WEIGHTS_FILE)
+            shutil.copyfile(d / META_FILE, dst / META_FILE)
+            experts[d.name] = {f: _sha256(dst / f) for f in (WEIGHTS_FILE, META_FILE)}
     manifest = {"format": FORMAT, "world": world.cfg.name,
                 "model": {"key": world.cfg.model_key(), "files": model_files},
                 "experts": {"key": hub_key(world), "experts": experts}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
+    for name, files in experts.items():       # this machine now uses the shipped weights too
+        _install(root / "experts" / name, files, hub_dir(world) / name, f"world expert {name}")
     return manifest
+
+
+def _save_half(src: Path, dst: Path) -> None:
+    """Copy a safetensors file with its float32 tensors rounded to float16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(src))
+    save_file({k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in sd.items()},
+              str(dst), metadata={"format": "anyclass-world-expert", "shipped_dtype": "float16"})
