@@ -58,7 +58,10 @@ def world_part(ms: tuple[int, ...] = (4, 8, 16)) -> dict:
                   _plan(world, res["pool_per_concept"])}
     row_concept = np.array([concept_of[p] for p in pool.paths])
     all_names, all_ids, per_task = [], [], {}
+    from anyclass.world.tasks import SOURCE_TASK
     for name, t_ in world.tasks.items():
+        if name == SOURCE_TASK:
+            continue                      # the 21 downstream tasks, as in the tables
         per_task[name] = (t_.classnames, t_.concept_ids)
         all_names += t_.classnames
         all_ids += t_.concept_ids

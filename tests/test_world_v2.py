@@ -301,3 +301,19 @@ def test_build_killed_in_each_phase_resumes(tmp_path):
     BuiltinModel.load(root / "model")                      # loads: not half-written
     hub = next((root / "experts").iterdir())
     assert json.loads((hub / "hub.json").read_text())["experts"]
+
+
+@pytest.mark.slow
+def test_adversarial_split_follows_its_filter_expert(mini_world):
+    """A split chosen by another filter expert (other weights) is re-selected, not reused."""
+    from anyclass.world.build import _filter_sha256
+    task = "zodiac"
+    split = mini_world.split_file(task, "adversarial", progress=False)
+    rec_path = mini_world.root / "tasks" / task / "adversarial_filter.json"
+    rec = json.loads(rec_path.read_text())
+    assert rec["expert_sha256"] == _filter_sha256(mini_world, False)
+    rec_path.write_text(json.dumps({**rec, "expert_sha256": "0" * 64}))
+    before = split.stat().st_mtime_ns
+    mini_world.split_file(task, "adversarial", progress=False)
+    assert json.loads(rec_path.read_text())["expert_sha256"] == rec["expert_sha256"]
+    assert split.stat().st_mtime_ns > before

@@ -286,10 +286,10 @@ def ensure_task_domain(world: World, task: str, domain: str, progress: bool = Tr
     """The split file of `task` in `domain`, rendered (and, for adversarial, filtered) on
     first use under the world's build lock; resumable like the world build."""
     path = _split_path(world.root, task, domain)
-    if path.exists():
+    if path.exists() and (domain != "adversarial" or _filter_current(world, task, progress)):
         return path
     with _locked(world.cfg, progress):
-        if path.exists():
+        if path.exists() and (domain != "adversarial" or _filter_current(world, task, progress)):
             return path
         spec = get_tasks(world.cfg)[task]
         by_id = {c.id: c for c in world.concepts}
@@ -299,6 +299,22 @@ def ensure_task_domain(world: World, task: str, domain: str, progress: bool = Tr
             _render_splits(world.root, world.cfg, {task: _split_entries(world.cfg, spec, domain)},
                            domain, by_id, progress)
     return path
+
+
+def _filter_sha256(world: World, progress: bool) -> str:
+    from ..backbones.weights import file_sha256
+    from .experts import ADVERSARIAL_FILTER, WEIGHTS_FILE, ensure_expert
+    return file_sha256(ensure_expert(world, ADVERSARIAL_FILTER, progress) / WEIGHTS_FILE)
+
+
+def _filter_current(world: World, task: str, progress: bool) -> bool:
+    """An adversarial split is valid only for the filter expert that chose it (a new hub
+    recipe or retrained filter re-selects the images)."""
+    try:
+        rec = json.loads((world.root / "tasks" / task / "adversarial_filter.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return rec.get("expert_sha256") == _filter_sha256(world, progress)
 
 
 def _build_adversarial(world: World, spec: TaskSpec, progress: bool) -> None:
@@ -327,7 +343,8 @@ def _build_adversarial(world: World, spec: TaskSpec, progress: bool) -> None:
             right.append(ok)
         splits[split] = out
     _write_json(world.root / "tasks" / spec.name / "adversarial_filter.json",
-                {"expert": "tasks-cnn-colour", "mean_true_prob": float(np.mean(scores)),
+                {"expert": "tasks-cnn-colour", "expert_sha256": _filter_sha256(world, progress),
+                 "mean_true_prob": float(np.mean(scores)),
                  "fooled_share": 1.0 - float(np.mean(right))})
     _write_json(_split_path(world.root, spec.name, "adversarial"), splits)
 
