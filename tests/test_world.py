@@ -254,3 +254,28 @@ def test_mini_world(request):
     for name in mini_world.tasks:
         for domain in ("colour", "sketch"):                # built with the world
             assert (mini_world.root / "tasks" / name / f"split_{domain}.json").exists()
+
+
+def test_corrupt_shipped_model_is_refused_and_retrained(tiny_home, monkeypatch):
+    """A shipped model whose checksum fails is never used: a warning names it and the build
+    trains instead; an intact one is installed and nothing is trained."""
+    from anyclass.world import artefacts
+    home, calls = tiny_home
+    root = home / "art"
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "weights.txt").write_text("shipped")
+    files = {"weights.txt": artefacts._sha256(root / "model" / "weights.txt")}
+    (root / artefacts.MANIFEST).write_text(json.dumps(
+        {"format": artefacts.FORMAT, "model": {"key": TINY.model_key(), "files": files}}))
+    monkeypatch.setattr(artefacts, "ARTEFACT_ROOT", root)
+    world = world_build.ensure_world(TINY, progress=False)
+    assert calls == [] and (world.model_dir / "weights.txt").read_text() == "shipped"
+    assert json.loads((world.root / "model.json").read_text())["shipped"] is True
+    cfg = replace(TINY, seed=3)
+    files = {"weights.txt": artefacts._sha256(root / "model" / "weights.txt")}
+    (root / artefacts.MANIFEST).write_text(json.dumps(
+        {"format": artefacts.FORMAT, "model": {"key": cfg.model_key(), "files": files}}))
+    (root / "model" / "weights.txt").write_text("tampered")
+    with pytest.warns(UserWarning, match="weights.txt fails its checksum: refused"):
+        world = world_build.ensure_world(cfg, progress=False)
+    assert len(calls) == 1 and (world.model_dir / "weights.txt").read_text() != "tampered"
