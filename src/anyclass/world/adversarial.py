@@ -3,11 +3,13 @@ ImageNet-A keeps the photos a ResNet-50 gets wrong.
 
 For every (task, split, class) we render `CANDIDATES_PER_IMAGE` times the images the split
 needs in the "adversarial" style (small, off-centre, cluttered, occluded, low-contrast
-colour scenes; `render.py`), score each with the world expert `ADVERSARIAL_FILTER` (trained
-on colour renders of every task concept; never the built-in model) and keep, per class, the
-candidates with the lowest probability of their own concept. Scores are computed in float64
-and rounded to 1e-6, ties broken by seed, so the selection is the same on every machine and
-thread count.
+colour scenes; `render.py`), classify each with the world expert `ADVERSARIAL_FILTER`
+(trained on colour renders of every task concept; never the built-in model) and keep, per
+class, candidates the expert gets wrong — ImageNet-A's rule: any image the ResNet-50
+misclassifies, not the most confidently misclassified ones — taken in seed order; where too
+few fool it, the ones with the lowest probability of their own concept fill up. The
+expert runs in float64 and its probabilities are rounded to 1e-6 before the comparison, so
+the selection is the same on every machine and thread count.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 from .render import TASK_SEED_BASE, render_batch
 
 CANDIDATES_PER_IMAGE = 3
+#: bump when the selection rule or the candidates change (stored splits are then re-selected)
+RULE = f"misclassified-first/{CANDIDATES_PER_IMAGE}"
 
 
 def candidate_seed(cfg, task: str, split: str, concept_id: str, k: int) -> int:
@@ -52,7 +56,9 @@ def true_class_prob(world, images: np.ndarray, concept_ids: list[str],
                                antialias=True)
         p = net(xb).softmax(-1)
         out.append(p.gather(1, idx[s:s + 512, None])[:, 0])
-        top.append(p.argmax(1) == idx[s:s + 512])
+        p = torch.round(p * 1e6) / 1e6
+        own = p.gather(1, idx[s:s + 512, None])
+        top.append((p > own).sum(1) == 0)        # no other concept scores higher
     return np.round(torch.cat(out).numpy(), 6), torch.cat(top).numpy()
 
 
@@ -73,7 +79,8 @@ def select(world, spec, per_split: dict[str, int], progress: bool = False
         m = n * CANDIDATES_PER_IMAGE
         for j in range(len(spec.concept_ids)):
             block = range(j * m, (j + 1) * m)
-            keep = sorted(block, key=lambda i: (score[i], plan[i][1]))[:n]
+            keep = sorted(block, key=lambda i: (bool(right[i]), score[i] if right[i] else 0.0,
+                                                plan[i][1]))[:n]
             rows += [(plan[i][0], plan[i][1], imgs[i], float(score[i]), bool(right[i]))
                      for i in keep]
         out[split] = rows

@@ -314,14 +314,15 @@ def _filter_current(world: World, task: str, progress: bool) -> bool:
         rec = json.loads((world.root / "tasks" / task / "adversarial_filter.json").read_text())
     except (OSError, ValueError):
         return False
-    return rec.get("expert_sha256") == _filter_sha256(world, progress)
+    from .adversarial import RULE
+    return rec.get("rule") == RULE and rec.get("expert_sha256") == _filter_sha256(world, progress)
 
 
 def _build_adversarial(world: World, spec: TaskSpec, progress: bool) -> None:
     import numpy as np
     from PIL import Image
 
-    from .adversarial import select
+    from .adversarial import RULE, select
     chosen = select(world, spec, _per_class(world.cfg), progress)
     label = {cid: j for j, cid in enumerate(spec.concept_ids)}
     splits: dict[str, list] = {}
@@ -344,6 +345,7 @@ def _build_adversarial(world: World, spec: TaskSpec, progress: bool) -> None:
         splits[split] = out
     _write_json(world.root / "tasks" / spec.name / "adversarial_filter.json",
                 {"expert": "tasks-cnn-colour", "expert_sha256": _filter_sha256(world, progress),
+                 "rule": RULE,
                  "mean_true_prob": float(np.mean(scores)),
                  "fooled_share": 1.0 - float(np.mean(right))})
     _write_json(_split_path(world.root, spec.name, "adversarial"), splits)
