@@ -303,6 +303,7 @@ def test_build_killed_in_each_phase_resumes(tmp_path):
             split = json.loads((root / "tasks" / name / f"split_{d}.json").read_text())
             assert all((root / "images" / r[0]).stat().st_size > 0
                        for rows in split.values() for r in rows)
+    assert not list((root / "images").rglob("*.tmp*"))    # a killed render's leftovers go
     from anyclass.world.model import BuiltinModel
     BuiltinModel.load(root / "model")                      # loads: not half-written
     hub = next((root / "experts").iterdir())

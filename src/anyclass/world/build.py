@@ -269,7 +269,10 @@ def _render_splits(root: Path, cfg: WorldConfig, entries: dict[str, dict[str, li
     items = []
     for n in pending:
         for split, rows in entries[n].items():
-            (root / "images" / domain / n / split).mkdir(parents=True, exist_ok=True)
+            d = root / "images" / domain / n / split
+            d.mkdir(parents=True, exist_ok=True)
+            for stale in d.glob("*.tmp*"):          # left by a killed render
+                stale.unlink(missing_ok=True)
             for rel, _, _, cid, seed in rows:
                 path = root / "images" / rel
                 if not path.exists():   # written atomically: exists ⇒ complete
