@@ -1,0 +1,155 @@
+"""Every GPU measurement the docs lack, in one run that prints one JSON (for the few minutes a
+GPU machine is lent; issue 12, item 3). Each part has its own time budget and its result or
+the reason it was skipped; the whole run stays under 8 minutes on one GPU.
+
+    python benchmarks/gpu_check.py [--out runs/gpu_check.json]   # on a CUDA machine
+    python benchmarks/gpu_check.py --dry-run                      # tiny sizes, any device (tested)
+
+Parts:
+- `extraction`: open_clip ViT-B-16 (random weights time like trained ones) at 224 px on
+  synthetic 500x375 JPEGs: end-to-end `extract_features` (loader workers, decode, pinned
+  uint8 transfer, on-device normalisation, AMP) against the bare forward on preprocessed
+  batches under the same autocast, repeats interleaved; images/s and their ratio (target ≥ 0.9).
+- `tipx_search`: issue 3's full 20 α × 200 β × 50 γ TIP-X search on 10,000 test × 1,600
+  support × 100 classes × 512-d synthetic features, on the device: seconds, the pick, acc1.
+- `prompt_learning_step_ratio`, `tta_batched_ratio`: skipped with a reason until the
+  prompt-learning (issue 10) and test-time-tuning (issue 11) methods exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import machine, write_jpegs  # noqa: E402
+
+#: (full, dry-run) sizes
+SIZES = {
+    "extraction": ({"images": 2048, "batch": 256, "repeats": 3}, {"images": 8, "batch": 4, "repeats": 1}),
+    "tipx_search": ({"n": 10_000, "m": 1_600, "k": 100, "d": 512},
+                    {"n": 200, "m": 64, "k": 8, "d": 32}),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def extraction(device: torch.device, images: int, batch: int, repeats: int,
+               spec: str = "openclip:ViT-B-16@random") -> dict:
+    from anyclass.backbones.factory import create_backbone
+    from anyclass.data.base import LabeledImages
+    from anyclass.data.images import load_image
+    from anyclass.features.extract import extract_features
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # random weights warn, as open_clip does
+        bb = create_backbone(spec, device)
+    paths = write_jpegs(Path(tempfile.gettempdir()) / "anyclass-gpu-check-jpeg", images)
+    ds = LabeledImages("gpu-check", paths, [0] * len(paths), ["x"])
+    x = torch.stack([bb.preprocess(load_image(p)) for p in paths])
+    amp = device.type == "cuda"
+    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+
+    def bare() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+            for i in range(0, len(x), batch):
+                bb.encode_images(x[i:i + batch].to(device, non_blocking=True))
+        _sync(device)
+        return time.perf_counter() - t
+
+    def e2e() -> float:
+        t = time.perf_counter()
+        extract_features(bb, ds, batch_size=batch, cache=False, progress=False)
+        _sync(device)
+        return time.perf_counter() - t
+
+    bare(), e2e()                                 # warm-up: cudnn autotune, worker start
+    pairs = [(bare(), e2e()) for _ in range(repeats)]
+    ratios = sorted(b / e for b, e in pairs)
+    return {"backbone": spec, "image_size": int(x.shape[-1]), "images": images, "batch": batch,
+            "amp": str(dtype).removeprefix("torch.") if amp else "off",
+            "bare_img_s": round(images / min(b for b, _ in pairs), 1),
+            "end_to_end_img_s": round(images / min(e for _, e in pairs), 1),
+            "ratio_median_of_pairs": round(ratios[len(ratios) // 2], 3), "target": 0.9}
+
+
+def tipx_search(device: torch.device, n: int, m: int, k: int, d: int) -> dict:
+    from tipx_search import features
+
+    from anyclass.methods import search as S
+    f, y, Fs, ys, W = (t.to(device) for t in features(n, m, k, d))
+    L = S.one_hot(ys, k).to(device)
+    _sync(device)
+    t = time.perf_counter()
+    Z = 100.0 * f @ W
+    T = S.kl_term(f, Fs, W, L, 0.5)
+    r = S.search_grid(Z, f, Fs, L, y, S.TIPX_ALPHA, S.TIPX_BETA, S.TIPX_GAMMA, T=T, order="abg")
+    _sync(device)
+    grid = [len(S.grid(g)) for g in (S.TIPX_ALPHA, S.TIPX_BETA, S.TIPX_GAMMA)]
+    return {"n": n, "m": m, "k": k, "d": d, "grid": grid, "points": grid[0] * grid[1] * grid[2],
+            "seconds": round(time.perf_counter() - t, 3),
+            "pick": [float(r.alpha), float(r.beta), float(r.gamma)], "acc1": round(100 * float(r.acc), 2),
+            "cpu_reference": "53 s on 2 loaded CPU cores (docs/benchmarks.md, TIP-X search)"}
+
+
+def skipped(why: str) -> dict:
+    return {"skipped": why}
+
+
+def run(dry_run: bool, device: torch.device) -> dict:
+    pick = 1 if dry_run else 0
+    out: dict = {"machine": machine(), "device": str(device), "dry_run": dry_run}
+    parts = {
+        "extraction": lambda: extraction(device, **SIZES["extraction"][pick]),
+        "tipx_search": lambda: tipx_search(device, **SIZES["tipx_search"][pick]),
+        "prompt_learning_step_ratio": lambda: skipped(
+            "no prompt-learning method yet (issue 10): the training-step / bare forward+backward "
+            "ratio is measured once CoOp/MaPLe/APEX exist"),
+        "tta_batched_ratio": lambda: skipped(
+            "no test-time tuning yet (issue 11): batched vs reference-loop TPT/PromptSync "
+            "per-image time is measured once they exist"),
+    }
+    t0 = time.perf_counter()
+    for name, fn in parts.items():
+        t = time.perf_counter()
+        try:
+            out[name] = fn()
+        except Exception as e:  # noqa: BLE001 — one failing part must not lose the others
+            out[name] = {"error": f"{type(e).__name__}: {e}",
+                         "trace": traceback.format_exc(limit=3)}
+        out[name]["part_seconds"] = round(time.perf_counter() - t, 2)
+        print(f"{name}: {json.dumps(out[name])}", file=sys.stderr, flush=True)
+    out["total_seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on any device")
+    ap.add_argument("--device", default=None, help="default: cuda if available")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    a = ap.parse_args()
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not a.dry_run:
+        raise SystemExit("error: no CUDA device; run with --dry-run to check the script on CPU")
+    res = run(a.dry_run, device)
+    text = json.dumps(res, indent=1)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
