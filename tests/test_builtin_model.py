@@ -214,7 +214,8 @@ def test_mini_world_zero_shot_above_chance(mini_world) -> None:
     never-seen sketch domain (near chance for the small mini model)."""
     from anyclass.backbones.factory import create_backbone
     clip = create_backbone("builtin", device="cpu")
-    assert clip.identity == f"builtin:{mini_world.cfg.model_key()}"
+    from anyclass.world.train import model_key
+    assert clip.identity == f"builtin:{model_key(mini_world.cfg)}"
     acc: dict[str, list[float]] = {"colour": [], "sketch": []}
     chance = []
     with torch.inference_mode():

@@ -178,9 +178,13 @@ def tiny_home(tmp_path, monkeypatch):
 
     fake.train_builtin_model = train_builtin_model
     fake.TRAIN_VERSION = "test"
-    fake.train_config_for = lambda cfg: types.SimpleNamespace(to_json=lambda: {"fake": True})
+    fake.model_key = lambda cfg: f"{cfg.name}-fake-{cfg.seed}"
     monkeypatch.setitem(sys.modules, "anyclass.world.train", fake)
     return tmp_path, calls
+
+
+def _fake_train():
+    return sys.modules["anyclass.world.train"]
 
 
 def test_build_writes_coop_splits(tiny_home):
@@ -266,7 +270,7 @@ def test_corrupt_shipped_model_is_refused_and_retrained(tiny_home, monkeypatch):
     (root / "model" / "weights.txt").write_text("shipped")
     files = {"weights.txt": artefacts._sha256(root / "model" / "weights.txt")}
     (root / artefacts.MANIFEST).write_text(json.dumps(
-        {"format": artefacts.FORMAT, "model": {"key": TINY.model_key(), "files": files}}))
+        {"format": artefacts.FORMAT, "model": {"key": _fake_train().model_key(TINY), "files": files}}))
     monkeypatch.setattr(artefacts, "ARTEFACT_ROOT", root)
     world = world_build.ensure_world(TINY, progress=False)
     assert calls == [] and (world.model_dir / "weights.txt").read_text() == "shipped"
@@ -274,7 +278,7 @@ def test_corrupt_shipped_model_is_refused_and_retrained(tiny_home, monkeypatch):
     cfg = replace(TINY, seed=3)
     files = {"weights.txt": artefacts._sha256(root / "model" / "weights.txt")}
     (root / artefacts.MANIFEST).write_text(json.dumps(
-        {"format": artefacts.FORMAT, "model": {"key": cfg.model_key(), "files": files}}))
+        {"format": artefacts.FORMAT, "model": {"key": _fake_train().model_key(cfg), "files": files}}))
     (root / "model" / "weights.txt").write_text("tampered")
     with pytest.warns(UserWarning, match="weights.txt fails its checksum: refused"):
         world = world_build.ensure_world(cfg, progress=False)

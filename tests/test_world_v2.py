@@ -20,9 +20,10 @@ from anyclass.errors import SpecError
 from anyclass.world import adversarial, artefacts
 from anyclass.world.build import SPLITS, _per_class, image_seed
 from anyclass.world.concepts import concept_map, load_concepts
-from anyclass.world.config import CONFIGS, get_config
+from anyclass.world.config import CONFIGS
 from anyclass.world.render import DOMAINS, TASK_SEED_BASE, render
 from anyclass.world.tasks import SOURCE_TASK, TASKS, downstream_tasks, get_tasks, task_concept_ids
+from anyclass.world.train import model_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,7 +198,7 @@ def test_shipped_artefacts_match_the_code_recipe():
     m = artefacts.read_manifest()
     assert m is not None, "resources/world/manifest.json missing: run anyclass world artefacts"
     full = CONFIGS["full"]
-    assert m["model"]["key"] == full.model_key()
+    assert m["model"]["key"] == model_key(full)
     assert m["experts"]["key"] == hub_key(SimpleNamespace(cfg=full))
     total = sum(p.stat().st_size for p in artefacts.ARTEFACT_ROOT.rglob("*") if p.is_file())
     assert total < 50 * 2 ** 20
@@ -211,7 +212,7 @@ def _fake_artefacts(root: Path, cfg) -> Path:
     (root / "model" / "config.json").write_text("{}")
     files = {n: artefacts._sha256(root / "model" / n) for n in ("model.safetensors", "config.json")}
     (root / artefacts.MANIFEST).write_text(json.dumps(
-        {"format": artefacts.FORMAT, "model": {"key": cfg.model_key(), "files": files},
+        {"format": artefacts.FORMAT, "model": {"key": model_key(cfg), "files": files},
          "experts": {"key": "x", "experts": {}}}))
     return root
 

@@ -184,4 +184,5 @@ def build_builtin(rest: str, device: torch.device | str = "cpu") -> BuiltinCLIP:
     from ..world.build import ensure_world
     from ..world.config import get_config
     world = ensure_world(get_config(rest or None))
-    return BuiltinCLIP.from_dir(world.model_dir, device, identity=f"builtin:{world.cfg.model_key()}")
+    from ..world.train import model_key
+    return BuiltinCLIP.from_dir(world.model_dir, device, identity=f"builtin:{model_key(world.cfg)}")

@@ -532,11 +532,20 @@ def build_hf_image(rest: str, device: torch.device) -> ClassifierExpert:
 
 @EXPERTS.register("world-expert")
 def build_world_expert(rest: str, device: torch.device) -> ClassifierExpert:
-    from ..world.experts import load_world_expert
+    from ..world.experts import load_world_expert_net
+    from ..world.model import IMAGE_MEAN, IMAGE_STD
+    from .builtin import BuiltinPreprocess
+    from .weights import file_sha256
     if not rest:
         raise SpecError("world-expert spec needs a name: world-expert:NAME "
-                        "(`anyclass hub list` or anyclass.world.experts.ensure_world_experts())")
-    return load_world_expert(rest, device)
+                        "(`anyclass hub list` or anyclass.world.experts.ensure_world_experts(world))")
+    from ..world.build import ensure_world
+    model, meta, weights = load_world_expert_net(rest, ensure_world())
+    pp = BuiltinPreprocess(meta["world_image_size"], IMAGE_MEAN, IMAGE_STD)
+    return ClassifierExpert(model, f"world-expert:{rest}", file_sha256(weights),
+                            list(meta["head_names"]), list(meta["head_synsets"]), pp, pp.describe(),
+                            torch.device(device), meta=meta)
+
 
 
 # ------------------------------------------------------------------------------ dataset logits

@@ -8,7 +8,6 @@ one-line message names the file, what was found and how to convert it.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickletools
@@ -21,14 +20,13 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import AnyclassError, UnsafeCheckpointError
+from ..hashing import file_sha256, state_dict_hash  # noqa: F401 — re-exported
 
 SAFETENSORS_EXT = (".safetensors",)
 TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
 #: nestings unwrapped, outermost first (training checkpoints keep the weights under one of these)
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _PREFIXES = ("module.", "_orig_mod.")
-
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -166,34 +164,6 @@ def _flatten(obj: Any, p: Path) -> dict[str, torch.Tensor]:
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, streamed; memoised in-process on (resolved path, size, mtime_ns)."""
-    p = Path(path).expanduser().resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        _SHA_MEMO[key] = h.hexdigest()
-    return _SHA_MEMO[key]
-
-
-def state_dict_hash(sd: Mapping[str, torch.Tensor]) -> str:
-    """Deterministic hex sha256 over sorted names, dtypes, shapes and raw bytes of the tensors
-    (independent of the device they live on); for weights that come from no file."""
-    h = hashlib.sha256()
-    for name in sorted(sd):
-        t = sd[name]
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}|{str(t.dtype)}|{tuple(sd[name].shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _one_line(e: BaseException) -> str:

@@ -74,7 +74,8 @@ def cmd_world(a) -> int:
     if a.world_cmd == "build":
         print(f"world ready at {world.root}")
     elif a.world_cmd == "artefacts":
-        from ..world.artefacts import ARTEFACT_ROOT, export
+        from ..world.artefacts import ARTEFACT_ROOT
+        from ..world.export import export
         m = export(world, a.out or ARTEFACT_ROOT)
         print(f"wrote {a.out or ARTEFACT_ROOT}: model {m['model']['key']}, "
               f"{len(m['experts']['experts'])} experts {m['experts']['key']}")

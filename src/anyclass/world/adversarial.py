@@ -37,17 +37,17 @@ def true_class_prob(world, images: np.ndarray, concept_ids: list[str],
                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The filter expert's probability of each image's own concept ([N] float64, rounded)
     and whether its top-1 is that concept ([N] bool)."""
-    from .experts import ADVERSARIAL_FILTER, load_world_expert
-    expert = load_world_expert(ADVERSARIAL_FILTER, world=world)
-    net = expert.model.double().eval()
-    col = {cid: j for j, cid in enumerate(expert.meta["concept_ids"])}
+    from .experts import ADVERSARIAL_FILTER, load_world_expert_net
+    net, meta, _ = load_world_expert_net(ADVERSARIAL_FILTER, world)
+    net = net.double()
+    col = {cid: j for j, cid in enumerate(meta["concept_ids"])}
     missing = sorted({c for c in concept_ids if c not in col})
     if missing:
         raise RuntimeError(f"adversarial filter expert lacks concepts {missing[:5]}")
     idx = torch.tensor([col[c] for c in concept_ids])
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     out, top = [], []
-    size = int(expert.meta["arch"]["input_size"])
+    size = int(meta["arch"]["input_size"])
     from .experts import _normalise
     for s in range(0, len(x), 512):
         xb = _normalise(x[s:s + 512]).double()

@@ -165,7 +165,8 @@ def _open(cfg: WorldConfig, root: Path) -> World | None:
         rows = json.loads((root / "concepts.json").read_text())
     except (OSError, ValueError):
         return None
-    if info.get("key") != cfg.key() or _model_key(root) != cfg.model_key():
+    from .train import model_key
+    if info.get("key") != cfg.key() or _model_key(root) != model_key(cfg):
         return None          # (a new model recipe: the build replaces the model only)
     concepts = [Concept(**{**r, "keywords": tuple(r["keywords"])}) for r in rows]
     return World(root, cfg, _task_infos(cfg, get_tasks(cfg)), concepts, info)
@@ -233,13 +234,14 @@ def build_world(cfg: WorldConfig | None = None, progress: bool = True,
         t0 = time.perf_counter()
         steps.set_postfix_str("model")
         model_marker = root / "model.json"
-        if _model_key(root) != cfg.model_key():
+        from .train import model_key
+        if _model_key(root) != model_key(cfg):
             from .artefacts import install_model
             shipped = install_model(cfg, root / "model")
             if not shipped:
                 from .train import train_builtin_model
                 train_builtin_model(cfg, concepts, root / "model", progress=progress)
-            _write_json(model_marker, {"path": "model", "key": cfg.model_key(),
+            _write_json(model_marker, {"path": "model", "key": model_key(cfg),
                                        "shipped": shipped})
         timings["model_s"] = round(time.perf_counter() - t0, 2)
         steps.update()
@@ -305,7 +307,7 @@ def ensure_task_domain(world: World, task: str, domain: str, progress: bool = Tr
 
 
 def _filter_sha256(world: World, progress: bool) -> str:
-    from ..backbones.weights import file_sha256
+    from ..hashing import file_sha256
     from .experts import ADVERSARIAL_FILTER, WEIGHTS_FILE, ensure_expert
     return file_sha256(ensure_expert(world, ADVERSARIAL_FILTER, progress) / WEIGHTS_FILE)
 

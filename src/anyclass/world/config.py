@@ -20,20 +20,6 @@ class WorldConfig:
     seed: int = 0
     max_classes_per_task: int | None = None   # mini: evenly spaced subset of each task
 
-    def model_key(self) -> str:
-        """The built-in model's recipe: what its training reads (versions, training
-        configuration, the world fields pretraining depends on). Shipped weights carry it."""
-        import hashlib
-        import json
-        from .train import TRAIN_VERSION, train_config_for
-        blob = json.dumps({"v": WORLD_VERSION, "train": TRAIN_VERSION,
-                           "recipe": train_config_for(self).to_json(),
-                           "image_size": self.image_size, "max_concepts": self.max_concepts,
-                           "pretrain_per_concept": self.pretrain_per_concept,
-                           "max_classes_per_task": self.max_classes_per_task,
-                           "seed": self.seed}, sort_keys=True)
-        return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
     def key(self) -> str:
         """The world's data (concepts, renders, splits); the model has its own key, so a new
         training recipe replaces the model without re-rendering the images."""

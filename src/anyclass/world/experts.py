@@ -401,7 +401,7 @@ def train_expert(world, recipe: ExpertRecipe, out_dir: Path | None = None, progr
     given. Returns the metadata (what expert.json holds)."""
     from safetensors.torch import save_file
 
-    from ..backbones.weights import state_dict_hash
+    from ..hashing import state_dict_hash
     concepts = select_concepts(world, recipe.subset)
     if len(concepts) < 2:
         raise ValueError(f"expert {recipe.name}: subset {recipe.subset.name} has {len(concepts)} concepts")
@@ -467,12 +467,9 @@ def _read_index(root: Path, key: str) -> dict | None:
     return d if d.get("hub") == key else None
 
 
-def ensure_world_experts(world=None, progress: bool = True) -> list[str]:
-    """Specs ("world-expert:NAME") of the offline hub's experts for `world` (default: the
-    world of $ANYCLASS_WORLD), training whatever is missing first."""
-    if world is None:
-        from .build import ensure_world
-        world = ensure_world(progress=progress)
+def ensure_world_experts(world, progress: bool = True) -> list[str]:
+    """Specs ("world-expert:NAME") of the offline hub's experts for `world`, installing or
+    training whatever is missing first."""
     key, root = hub_key(world), hub_dir(world)
     recipes = recipes_for(world)
     if _read_index(root, key) is None:
@@ -485,7 +482,7 @@ def ensure_world_experts(world=None, progress: bool = True) -> list[str]:
 def _install_or_train(world, recipe: ExpertRecipe, out: Path, progress: bool) -> dict:
     """The shipped weights when they exist for this hub recipe and check out, else training."""
     from .artefacts import install_expert
-    if install_expert(world, recipe.name, out):
+    if install_expert(hub_key(world), recipe.name, out):
         return {**json.loads((out / META_FILE).read_text()), "shipped": True}
     return train_expert(world, recipe, out, progress=progress)
 
@@ -525,25 +522,18 @@ def _build(world, recipes: Sequence[ExpertRecipe], root: Path, key: str, progres
 
 # ------------------------------------------------------------------------------ loading
 
-def expert_records(world=None, progress: bool = True) -> list[dict]:
+def expert_records(world, progress: bool = True) -> list[dict]:
     """expert.json of every expert of the hub (built first if needed), in recipe order."""
-    if world is None:
-        from .build import ensure_world
-        world = ensure_world(progress=progress)
     ensure_world_experts(world, progress)
     root = hub_dir(world)
     return [json.loads((root / r.name / META_FILE).read_text()) for r in recipes_for(world)]
 
 
-def load_world_expert(name: str, device: torch.device | str = "cpu", world=None):
-    """A `ClassifierExpert` for expert `name` of the current world's hub."""
-    from ..backbones.builtin import BuiltinPreprocess
-    from ..backbones.experts import ClassifierExpert
-    from ..backbones.weights import file_sha256, load_state_dict
-    from .model import IMAGE_MEAN, IMAGE_STD
-    if world is None:
-        from .build import ensure_world
-        world = ensure_world()
+def load_world_expert_net(name: str, world) -> tuple[nn.Module, dict, Path]:
+    """(network in eval mode, expert.json, weights file) of expert `name` of the world's hub,
+    built first if needed. The `world-expert:` scheme (backbones/experts.py) wraps it as a
+    ClassifierExpert; the world itself never imports the backbone layer."""
+    from safetensors.torch import load_file
     names = [r.name for r in recipes_for(world)]
     if name not in names:
         raise SpecError(f"unknown world expert {name!r} in world {world.cfg.name!r} "
@@ -551,8 +541,5 @@ def load_world_expert(name: str, device: torch.device | str = "cpu", world=None)
     d = ensure_expert(world, name)
     meta = json.loads((d / META_FILE).read_text())
     model = WorldExpertNet(meta["arch"], len(meta["head_names"]))
-    model.load_state_dict(load_state_dict(d / WEIGHTS_FILE))
-    pp = BuiltinPreprocess(world.cfg.image_size, IMAGE_MEAN, IMAGE_STD)
-    return ClassifierExpert(model, f"world-expert:{name}", file_sha256(d / WEIGHTS_FILE),
-                            list(meta["head_names"]), list(meta["head_synsets"]), pp, pp.describe(),
-                            torch.device(device), meta=meta)
+    model.load_state_dict(load_file(str(d / WEIGHTS_FILE)))   # fp16 shipped -> fp32 params
+    return model.eval(), {**meta, "world_image_size": world.cfg.image_size}, d / WEIGHTS_FILE

@@ -106,6 +106,20 @@ def train_config_for(cfg: WorldConfig) -> TrainConfig:
     return replace(base, model=replace(base.model, vision=vis), seed=base.seed + cfg.seed)
 
 
+def model_key(cfg: WorldConfig) -> str:
+    """The built-in model's recipe: what its training reads (versions, training
+    configuration, the world fields pretraining depends on). Shipped weights carry it."""
+    import hashlib
+    from .config import WORLD_VERSION
+    blob = json.dumps({"v": WORLD_VERSION, "train": TRAIN_VERSION,
+                       "recipe": train_config_for(cfg).to_json(),
+                       "image_size": cfg.image_size, "max_concepts": cfg.max_concepts,
+                       "pretrain_per_concept": cfg.pretrain_per_concept,
+                       "max_classes_per_task": cfg.max_classes_per_task,
+                       "seed": cfg.seed}, sort_keys=True)
+    return f"{cfg.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
 # ---------------------------------------------------------------------------------------------
 # captions
 
