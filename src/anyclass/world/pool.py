@@ -41,11 +41,20 @@ def pool_dir(world: World) -> Path:
 
 
 def _task_seeds(world: World) -> set[tuple[str, int]]:
-    """(concept id, seed) of every task image of the world (both domains share seeds)."""
-    per = _per_class(world.cfg)
-    return {(cid, image_seed(world.cfg, name, split, cid, k))
-            for name, spec in get_tasks(world.cfg).items()
-            for cid in spec.concept_ids for split in SPLITS for k in range(per[split])}
+    """(concept id, seed) of every task image of the world in every domain (colour, sketch
+    and rendition share seeds; v2 and the adversarial candidates have their own)."""
+    from .adversarial import CANDIDATES_PER_IMAGE, candidate_seed
+    per, cfg = _per_class(world.cfg), world.cfg
+    out: set[tuple[str, int]] = set()
+    for name, spec in get_tasks(cfg).items():
+        for cid in spec.concept_ids:
+            for split in SPLITS:
+                for k in range(per[split]):
+                    out.add((cid, image_seed(cfg, name, split, cid, k)))
+                    out.add((cid, image_seed(cfg, name, split, cid, k, "v2")))
+                for k in range(per[split] * CANDIDATES_PER_IMAGE):
+                    out.add((cid, candidate_seed(cfg, name, split, cid, k)))
+    return out
 
 
 def _plan(world: World, per_concept: int) -> list[tuple[object, int, str]]:
