@@ -69,7 +69,7 @@ def task_table(world, recs: list[dict]) -> tuple[list[str], list[dict]]:
     """Accuracy of every expert covering a whole task, on the task's test split."""
     import numpy as np
 
-    from anyclass.backbones.experts import create_expert, expert_logits
+    from anyclass.hub.experts import create_expert, expert_logits
     from anyclass.data.sources import load_dataset
     rows, out = [], []
     for task, info in world.tasks.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anyclass.backbones.experts import create_expert, expert_logits
+from anyclass.hub.experts import create_expert, expert_logits
 from anyclass.backbones.factory import create_backbone
 from anyclass.data.sources import load_dataset
 from anyclass.features.extract import extract_features

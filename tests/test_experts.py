@@ -1,4 +1,4 @@
-"""Expert image classifiers (backbones/experts.py) and the offline world's expert hub
+"""Expert image classifiers (hub/experts.py) and the offline world's expert hub
 (world/experts.py): spec errors, safe loading, ImageNet heads → WordNet synsets, label
 sidecars, Hugging Face folders, cached logits, and the mini hub's experts."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from anyclass.backbones.experts import create_expert, expert_logits
+from anyclass.hub.experts import create_expert, expert_logits
 from anyclass.errors import AnyclassError, SpecError, UnsafeCheckpointError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights.*:UserWarning")

@@ -44,7 +44,7 @@ ExpertFactory = Callable[[str], Any]
 
 
 def _default_factory(spec: str) -> Any:
-    from ..backbones.experts import create_expert
+    from .experts import create_expert
     return create_expert(spec)
 
 

@@ -192,7 +192,7 @@ def run_selected(selection: Selection, specs: dict[int, str], dataset,
                  progress: bool = False) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Logits of every selected model on `dataset` (cached on disk), and the rows valid in
     all of them (unreadable images are warned about and dropped)."""
-    from ..backbones.experts import create_expert, expert_logits
+    from .experts import create_expert, expert_logits
     factory = expert_factory or create_expert
     out: dict[int, np.ndarray] = {}
     valid = np.ones(len(dataset), dtype=bool)

@@ -337,7 +337,7 @@ class HubStore:
         """Register an expert classifier by spec (built with create_expert unless given);
         heads without a synset from the model are mapped from their names (mapping.py)."""
         if expert is None:
-            from ..backbones.experts import create_expert
+            from .experts import create_expert
             expert = create_expert(spec)
         names = list(expert.head_names)
         syn = list(expert.head_synsets) if expert.head_synsets else [None] * len(names)

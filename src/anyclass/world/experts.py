@@ -531,7 +531,7 @@ def expert_records(world, progress: bool = True) -> list[dict]:
 
 def load_world_expert_net(name: str, world) -> tuple[nn.Module, dict, Path]:
     """(network in eval mode, expert.json, weights file) of expert `name` of the world's hub,
-    built first if needed. The `world-expert:` scheme (backbones/experts.py) wraps it as a
+    built first if needed. The `world-expert:` scheme (hub/experts.py) wraps it as a
     ClassifierExpert; the world itself never imports the backbone layer."""
     from safetensors.torch import load_file
     names = [r.name for r in recipes_for(world)]

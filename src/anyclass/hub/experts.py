@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import AnyclassError, SpecError
 from ..registry import Registry
-from .weights import (SAFETENSORS_EXT, TORCH_EXT, file_sha256, load_state_dict,
+from ..backbones.weights import (SAFETENSORS_EXT, TORCH_EXT, file_sha256, load_state_dict,
                       state_dict_hash, state_dict_mismatch)
 
 RANDOM_SEED = 0
@@ -534,8 +534,7 @@ def build_hf_image(rest: str, device: torch.device) -> ClassifierExpert:
 def build_world_expert(rest: str, device: torch.device) -> ClassifierExpert:
     from ..world.experts import load_world_expert_net
     from ..world.model import IMAGE_MEAN, IMAGE_STD
-    from .builtin import BuiltinPreprocess
-    from .weights import file_sha256
+    from ..backbones.builtin import BuiltinPreprocess
     if not rest:
         raise SpecError("world-expert spec needs a name: world-expert:NAME "
                         "(`anyclass hub list` or anyclass.world.experts.ensure_world_experts(world))")
