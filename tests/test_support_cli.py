@@ -34,11 +34,12 @@ def test_support_build_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_world_pool_is_unlabelled_and_disjoint_from_task_images(mini_world):
     import re
-    from anyclass.world.pool import PER_CONCEPT, _plan, _task_seeds, ensure_pool
+    from anyclass.world.build import task_image_seeds
+    from anyclass.world.pool import PER_CONCEPT, _plan, ensure_pool
     paths = ensure_pool(mini_world, progress=False)
     assert len(paths) == PER_CONCEPT["mini"] * len(mini_world.concepts)
     assert all(re.fullmatch(r"\d{6}\.png", p.rsplit("/", 1)[1]) for p in paths)
     plan = _plan(mini_world, PER_CONCEPT["mini"])
-    assert not {(c.id, s) for c, s, _ in plan} & _task_seeds(mini_world)
+    assert not {(c.id, s) for c, s, _ in plan} & task_image_seeds(mini_world.cfg)
     assert len({s for _, s, _ in plan}) == len(plan)
     assert [c.id for c, _, _ in plan[:20]] != sorted(c.id for c, _, _ in plan[:20])  # shuffled

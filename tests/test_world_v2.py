@@ -18,7 +18,7 @@ import pytest
 
 from anyclass.errors import SpecError
 from anyclass.world import adversarial, artefacts
-from anyclass.world.build import SPLITS, _per_class, image_seed
+from anyclass.world.build import image_seed, task_image_seeds
 from anyclass.world.concepts import concept_map, load_concepts
 from anyclass.world.config import CONFIGS
 from anyclass.world.render import DOMAINS, TASK_SEED_BASE, render
@@ -29,21 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # --- the no-leak rule ---------------------------------------------------------------------------
-
-def _task_seeds(cfg) -> set[tuple[str, int]]:
-    """(concept id, seed) of every task image in every domain, adversarial candidates too."""
-    per = _per_class(cfg)
-    out = set()
-    for name, spec in get_tasks(cfg).items():
-        for cid in spec.concept_ids:
-            for split in SPLITS:
-                for k in range(per[split]):
-                    for d in ("colour", "v2"):
-                        out.add((cid, image_seed(cfg, name, split, cid, k, d)))
-                for k in range(per[split] * adversarial.CANDIDATES_PER_IMAGE):
-                    out.add((cid, adversarial.candidate_seed(cfg, name, split, cid, k)))
-    return out
-
 
 @pytest.mark.parametrize("name", ["full", "mini"])
 def test_pretraining_never_sees_a_task_image_or_a_shifted_task_concept(name):
@@ -59,7 +44,7 @@ def test_pretraining_never_sees_a_task_image_or_a_shifted_task_concept(name):
     # no task image seed (any task, split, domain) among the pretraining seeds
     pre = {(c.id, s) for items in plan.values() for c, s in items}
     assert max(s for _, s in pre) < TASK_SEED_BASE
-    assert not pre & _task_seeds(cfg)
+    assert not pre & task_image_seeds(cfg)
     # the source task's concepts count as task concepts
     assert set(get_tasks(cfg)[SOURCE_TASK].concept_ids) <= used
 

@@ -37,7 +37,7 @@ def true_class_prob(world, images: np.ndarray, concept_ids: list[str],
                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The filter expert's probability of each image's own concept ([N] float64, rounded)
     and whether its top-1 is that concept ([N] bool)."""
-    from .experts import ADVERSARIAL_FILTER, load_world_expert_net
+    from .experts import ADVERSARIAL_FILTER, _normalise, load_world_expert_net
     net, meta, _ = load_world_expert_net(ADVERSARIAL_FILTER, world)
     net = net.double()
     col = {cid: j for j, cid in enumerate(meta["concept_ids"])}
@@ -48,7 +48,6 @@ def true_class_prob(world, images: np.ndarray, concept_ids: list[str],
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     out, top = [], []
     size = int(meta["arch"]["input_size"])
-    from .experts import _normalise
     for s in range(0, len(x), 512):
         xb = _normalise(x[s:s + 512]).double()
         if xb.shape[-1] != size:

@@ -114,6 +114,24 @@ def image_seed(cfg: WorldConfig, task: str, split: str, concept_id: str, k: int,
     return TASK_SEED_BASE + int.from_bytes(h[:7], "big")
 
 
+def task_image_seeds(cfg: WorldConfig) -> set[tuple[str, int]]:
+    """(concept id, seed) of every task image of `cfg` in every domain: colour, sketch and
+    rendition share seeds, v2 and the adversarial candidates have their own. What the pool
+    and pretraining must never reuse."""
+    from .adversarial import CANDIDATES_PER_IMAGE, candidate_seed
+    per = _per_class(cfg)
+    out: set[tuple[str, int]] = set()
+    for name, spec in get_tasks(cfg).items():
+        for cid in spec.concept_ids:
+            for split in SPLITS:
+                for k in range(per[split]):
+                    out.add((cid, image_seed(cfg, name, split, cid, k)))
+                    out.add((cid, image_seed(cfg, name, split, cid, k, "v2")))
+                for k in range(per[split] * CANDIDATES_PER_IMAGE):
+                    out.add((cid, candidate_seed(cfg, name, split, cid, k)))
+    return out
+
+
 def _per_class(cfg: WorldConfig) -> dict[str, int]:
     return {"train": cfg.train_per_class, "val": cfg.val_per_class, "test": cfg.test_per_class}
 

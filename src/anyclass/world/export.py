@@ -49,9 +49,13 @@ def export(world, root: Path | None = None, progress: bool = True) -> dict:
 
 
 def _save_half(src: Path, dst: Path) -> None:
-    """Copy a safetensors file with its float32 tensors rounded to float16."""
+    """Copy a safetensors file with its float32 tensors rounded to float16 (a file that has
+    none, e.g. an installed artefact, is copied byte for byte: exporting is idempotent)."""
     import torch
     from safetensors.torch import load_file, save_file
     sd = load_file(str(src))
+    if not any(v.dtype == torch.float32 for v in sd.values()):
+        shutil.copyfile(src, dst)
+        return
     save_file({k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in sd.items()},
               str(dst), metadata={"format": "anyclass-world-expert", "shipped_dtype": "float16"})

@@ -18,10 +18,9 @@ import json
 import random
 from pathlib import Path
 
-from .build import SPLITS, World, _per_class, _write_json, ensure_world, image_seed
+from .build import World, _write_json, ensure_world, task_image_seeds
 from .config import WorldConfig
 from .render import TASK_SEED_BASE, render_to_files
-from .tasks import get_tasks
 
 #: bump when what the pool holds changes (rendering rules, naming, per-concept counts)
 POOL_VERSION = "1"
@@ -38,23 +37,6 @@ def pool_seed(cfg: WorldConfig, concept_id: str, k: int) -> int:
 
 def pool_dir(world: World) -> Path:
     return world.root / "pool" / POOL_DOMAIN
-
-
-def _task_seeds(world: World) -> set[tuple[str, int]]:
-    """(concept id, seed) of every task image of the world in every domain (colour, sketch
-    and rendition share seeds; v2 and the adversarial candidates have their own)."""
-    from .adversarial import CANDIDATES_PER_IMAGE, candidate_seed
-    per, cfg = _per_class(world.cfg), world.cfg
-    out: set[tuple[str, int]] = set()
-    for name, spec in get_tasks(cfg).items():
-        for cid in spec.concept_ids:
-            for split in SPLITS:
-                for k in range(per[split]):
-                    out.add((cid, image_seed(cfg, name, split, cid, k)))
-                    out.add((cid, image_seed(cfg, name, split, cid, k, "v2")))
-                for k in range(per[split] * CANDIDATES_PER_IMAGE):
-                    out.add((cid, candidate_seed(cfg, name, split, cid, k)))
-    return out
 
 
 def _plan(world: World, per_concept: int) -> list[tuple[object, int, str]]:
@@ -100,7 +82,7 @@ def ensure_pool(world: World | None = None, per_concept: int | None = None,
                 return paths
             done.unlink(missing_ok=True)
             plan = _plan(world, per_concept)
-            taken = _task_seeds(world)
+            taken = task_image_seeds(world.cfg)
             leak = [c.id for c, s, _ in plan if (c.id, s) in taken]
             if leak:  # a hash collision: would put a task image into the pool
                 raise RuntimeError(f"pool seed of concept {leak[0]} equals a task image seed")
