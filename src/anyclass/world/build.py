@@ -346,6 +346,7 @@ def _build_adversarial(world: World, spec: TaskSpec, progress: bool) -> None:
     from PIL import Image
 
     from .adversarial import RULE, select
+    from .experts import ADVERSARIAL_FILTER
     chosen = select(world, spec, _per_class(world.cfg), progress)
     label = {cid: j for j, cid in enumerate(spec.concept_ids)}
     splits: dict[str, list] = {}
@@ -367,7 +368,7 @@ def _build_adversarial(world: World, spec: TaskSpec, progress: bool) -> None:
             right.append(ok)
         splits[split] = out
     _write_json(world.root / "tasks" / spec.name / "adversarial_filter.json",
-                {"expert": "tasks-cnn-colour", "expert_sha256": _filter_sha256(world, progress),
+                {"expert": ADVERSARIAL_FILTER, "expert_sha256": _filter_sha256(world, progress),
                  "rule": RULE,
                  "mean_true_prob": float(np.mean(scores)),
                  "fooled_share": 1.0 - float(np.mean(right))})
