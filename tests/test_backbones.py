@@ -143,7 +143,7 @@ def test_protocol_attributes_and_normalised_outputs(bb):
     assert torch.allclose(txt.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert bb.encode_texts([]).shape == (0, bb.embed_dim)
     assert bb.logit_scale > 1 and isinstance(bb.logit_scale, float)
-    assert bb.text_width == 32 and bb.vision_width == 48 and bb.vision_layers == 3
+    assert bb.text_width == 32 and bb.vision_width == 48 and bb.vision_layers == 3 and bb.text_layers == 2
     assert len(bb.weights_hash) == 64 and bb.identity.split(":")[0] in ("openclip", "hf")
 
 
@@ -244,6 +244,159 @@ def test_text_hook_errors_are_clear(backbones):
         bb.encode_text_with_context(["X X cat"], torch.zeros(2, 31))
     with pytest.raises(PromptError, match="not a single token"):
         bb.encode_text_with_context(["a b c"], torch.zeros(1, 32), placeholder="a b")
+
+
+# ------------------------------------------------------------- deep text context (MaPLe)
+
+DEEP_TEXTS = ["X X a photo of a dog.", "a X X cat"]
+DEEP_POS = [[1, 2], [2, 3]]  # where the ctx run sits after the start token, for all three tokenizers
+DEEP_IDS = ["oc-vit", "oc-customtext", "hf-clip", "hf-siglip", "builtin"]
+
+
+@pytest.fixture(scope="module")
+def builtin_bb():
+    """The built-in backbone over a tiny random image tower and the real (frozen) MiniLM: no world."""
+    from anyclass.backbones.builtin import BuiltinCLIP
+    from anyclass.world.model import BuiltinModel, ModelConfig, VisionConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(VisionConfig(image_size=32, patch=8, width=32, depth=3, heads=2, stem_channels=(8, 16, 16)))
+    return BuiltinCLIP(BuiltinModel(cfg), "builtin:test", "0" * 64)
+
+
+def _deep_bb(key, backbones, builtin_bb):
+    return builtin_bb if key == "builtin" else backbones[key]
+
+
+def _text_blocks(bb) -> tuple[torch.nn.ModuleList, bool]:
+    if hasattr(getattr(bb.model, "text", None), "bert"):  # the built-in model's MiniLM
+        return bb.model.text.bert.encoder.layer, True
+    if hasattr(bb.model, "text_model"):
+        return bb.model.text_model.encoder.layers, True
+    t = bb.model.transformer if hasattr(bb.model, "transformer") else bb.model.text.transformer
+    return t.resblocks, t.batch_first
+
+
+def _deep(bb, seed: int, per_text_from: int = 1) -> list[torch.Tensor | None]:
+    """deep_ctx for every layer after the first: shared, None, then per-text entries."""
+    g = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor | None] = []
+    for j in range(bb.text_layers - 1):
+        shape = (2, 2, bb.text_width) if j >= per_text_from else (2, bb.text_width)
+        out.append(None if j == 1 else 0.5 * torch.randn(*shape, generator=g))
+    return out
+
+
+def _manual_deep_text(bb, texts, ctx, deep):
+    """Reference written outside the hook: record what enters block 0 in a plain CoOp call, run the
+    library's own blocks one by one, writing deep[j] at the ctx positions before block j+1 by hand,
+    and hand the result to the model's own tail (norm, pooling, projection) as the last block's output."""
+    blocks, batch_first = _text_blocks(bb)
+    seen = {}
+    h = blocks[0].register_forward_pre_hook(lambda _m, a, kw: seen.update(args=a, kwargs=kw), with_kwargs=True)
+    try:
+        bb.encode_text_with_context(texts, ctx)
+    finally:
+        h.remove()
+    x, rest, kwargs = seen["args"][0], seen["args"][1:], seen["kwargs"]
+    for j, blk in enumerate(blocks):
+        if 0 < j <= len(deep) and deep[j - 1] is not None:
+            y = (x if batch_first else x.transpose(0, 1)).clone()
+            for b, pos in enumerate(DEEP_POS):
+                y[b, pos] = deep[j - 1] if deep[j - 1].dim() == 2 else deep[j - 1][b]
+            x = y if batch_first else y.transpose(0, 1)
+        x = blk(x, *rest, **kwargs)
+        x = x[0] if isinstance(x, tuple) else x
+    final = x
+    h = blocks[-1].register_forward_hook(lambda _m, _a, out: (final, *out[1:]) if isinstance(out, tuple) else final)
+    try:
+        return bb.encode_text_with_context(texts, ctx)
+    finally:
+        h.remove()
+
+
+def test_text_layers(backbones, builtin_bb):
+    assert [backbones[k].text_layers for k in BACKBONE_IDS + ["oc-rn"]] == [2] * 7
+    assert builtin_bb.text_layers == len(builtin_bb.model.text.bert.encoder.layer) == 6
+
+
+@pytest.mark.parametrize("key", DEEP_IDS)
+def test_no_deep_context_is_plain_coop(key, backbones, builtin_bb):
+    bb = _deep_bb(key, backbones, builtin_bb)
+    ctx = 0.1 * torch.randn(2, bb.text_width, generator=torch.Generator().manual_seed(9))
+    ref = bb.encode_text_with_context(DEEP_TEXTS, ctx)
+    for deep in (None, [], [None], [None] * (bb.text_layers - 1)):
+        assert torch.equal(bb.encode_text_with_context(DEEP_TEXTS, ctx, deep_ctx=deep), ref)
+
+
+@pytest.mark.parametrize("key", DEEP_IDS)
+def test_deep_context_matches_a_manual_forward(key, backbones, builtin_bb):
+    bb = _deep_bb(key, backbones, builtin_bb)
+    ctx = 0.1 * torch.randn(2, bb.text_width, generator=torch.Generator().manual_seed(10))
+    deep = _deep(bb, 11, per_text_from=0 if key.startswith("hf") else 1)
+    out = bb.encode_text_with_context(DEEP_TEXTS, ctx, deep_ctx=deep)
+    assert (out - bb.encode_text_with_context(DEEP_TEXTS, ctx)).abs().max() > 1e-4
+    assert (out - _manual_deep_text(bb, DEEP_TEXTS, ctx, deep)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("key", DEEP_IDS)
+def test_deep_context_gradients_and_none_keeps_the_layer_input(key, backbones, builtin_bb):
+    bb = _deep_bb(key, backbones, builtin_bb)
+    ctx = (0.1 * torch.randn(2, bb.text_width, generator=torch.Generator().manual_seed(12))).requires_grad_(True)
+    deep = [d if d is None else d.requires_grad_(True) for d in _deep(bb, 13)]
+    out = bb.encode_text_with_context(DEEP_TEXTS, ctx, deep_ctx=deep)
+    (out @ torch.randn(bb.embed_dim, generator=torch.Generator().manual_seed(14))).sum().backward()
+    assert ctx.grad is not None and bool((ctx.grad.abs().sum(-1) > 0).all())
+    for j, d in enumerate(deep):
+        assert d is None or (d.grad is not None and bool((d.grad.abs().sum(-1) > 0).all())), f"deep_ctx[{j}]"
+    assert all(p.grad is None for p in bb.model.parameters())
+    # writing back the very states layer 1 receives changes nothing: deep_ctx replaces, None keeps
+    blocks, batch_first = _text_blocks(bb)
+    seen = {}
+    h = blocks[1].register_forward_pre_hook(lambda _m, a, kw: seen.update(x=a[0] if a else kw["hidden_states"]),
+                                            with_kwargs=True)
+    try:
+        ref = bb.encode_text_with_context(DEEP_TEXTS, ctx.detach())
+    finally:
+        h.remove()
+    x = seen["x"] if batch_first else seen["x"].transpose(0, 1)
+    own = torch.stack([x[b, pos] for b, pos in enumerate(DEEP_POS)])
+    assert (bb.encode_text_with_context(DEEP_TEXTS, ctx.detach(), deep_ctx=[own]) - ref).abs().max() < 1e-6
+
+
+def test_deep_context_hook_handles_sequence_first_blocks():
+    """Older open_clip transformers run [L, B, W]; the hook must write the same rows."""
+    from open_clip.transformer import Transformer
+
+    from anyclass.backbones.hooks import deep_context
+    torch.manual_seed(0)
+    bf, sf = Transformer(32, 3, 2).eval(), Transformer(32, 3, 2, batch_first=False).eval()
+    sf.load_state_dict(bf.state_dict())
+    x, starts = torch.randn(2, 6, 32), torch.tensor([1, 3])
+    deep = [torch.randn(2, 2, 32), None]
+    with deep_context(bf.resblocks, starts, deep):
+        a = bf(x)
+    with deep_context(sf.resblocks, starts, deep, batch_first=False):
+        b = sf(x)
+    assert (a - b).abs().max() < 1e-5 and (a - bf(x)).abs().max() > 1e-3
+
+
+def test_deep_context_errors_are_clear(backbones, builtin_bb):
+    bb, ctx = backbones["oc-vit"], torch.zeros(2, 32)
+    cases = [([None, None], r"2 deep_ctx entries for a text transformer of 2 layers \(at most 1"),
+             ([torch.zeros(2, 31)], r"deep_ctx\[0\] must be \[2, 32\] or \[2, 2, 32\], got \[2, 31\]"),
+             ([torch.zeros(3, 2, 32)], r"deep_ctx\[0\] must be .* got \[3, 2, 32\]"),
+             ([torch.zeros(32)], r"deep_ctx\[0\] must be .* got \[32\]"),
+             ([torch.zeros(3, 32)], r"deep_ctx\[0\] has 3 context vectors but ctx has 2"),
+             (torch.zeros(1, 2, 32), "deep_ctx must be a sequence")]
+    for deep, msg in cases:
+        with pytest.raises(PromptError, match=msg):
+            bb.encode_text_with_context(DEEP_TEXTS, ctx, deep_ctx=deep)
+    with pytest.raises(PromptError, match="6 deep_ctx entries for a text transformer of 6 layers"):
+        builtin_bb.encode_text_with_context(DEEP_TEXTS, torch.zeros(2, 384), deep_ctx=[None] * 6)
+    with pytest.raises(PromptError, match=r"deep_ctx\[1\] has 4 context vectors but ctx has 2"):
+        builtin_bb.encode_text_with_context(DEEP_TEXTS, torch.zeros(2, 384), deep_ctx=[None, torch.zeros(4, 384)])
+    with pytest.raises(PromptError, match="no run of 2 placeholder tokens"):
+        builtin_bb.encode_text_with_context(["a dog"], torch.zeros(2, 384), deep_ctx=[torch.zeros(2, 384)])
 
 
 # --------------------------------------------------------------- vision hook (deep prompts)
@@ -354,6 +507,9 @@ def test_gradcheck_both_hooks(key, oc_configs, hf_dirs):
     ctx = (0.05 * torch.randn(1, bb.text_width, generator=g, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda c: bb.encode_text_with_context(["a X dog", "X"], c), (ctx,),
                                     eps=1e-6, atol=1e-5, fast_mode=True)
+    d = (0.05 * torch.randn(1, bb.text_width, generator=g, dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c, e: bb.encode_text_with_context(["a X dog", "X"], c, deep_ctx=[e]),
+                                    (ctx, d), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_resnet_tower_refuses_visual_prompts_but_text_hook_works(backbones):

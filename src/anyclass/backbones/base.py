@@ -30,6 +30,9 @@ class VisionLanguageModel(Protocol):
     embed_dim: int
     #: width of the text transformer's token embeddings (size of a context vector)
     text_width: int
+    #: number of text transformer blocks (deep_ctx has at most text_layers - 1 entries);
+    #: 0 for text towers without block support, whose deep_ctx raises
+    text_layers: int
     #: width and depth of the vision transformer (size/number of deep visual prompts);
     #: 0 for towers without prompt support (ResNets), whose prompt hook raises
     vision_width: int
@@ -47,12 +50,15 @@ class VisionLanguageModel(Protocol):
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Strings -> L2-normalised embeddings [len(texts), embed_dim]."""
 
-    def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor,
-                                 placeholder: str = "X") -> torch.Tensor:
+    def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor, placeholder: str = "X",
+                                 deep_ctx: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         """CoOp-style hook: each text holds a run of n_ctx placeholder words (e.g.
         "X X X X dog."); the token embeddings of the first such run are replaced by `ctx`
         ([n_ctx, text_width] shared, or [len(texts), n_ctx, text_width] per text) and the
-        text encoded from those embeddings. Differentiable in ctx. Returns normalised
+        text encoded from those embeddings. MaPLe-style deep text prompts: deep_ctx[j] (same
+        shapes and n_ctx as ctx) replaces the hidden states at those same positions at the input
+        of text layer j+1; None keeps the layer's own states; len(deep_ctx) <= text_layers - 1;
+        deep_ctx=None or [] is plain CoOp. Differentiable in ctx and deep_ctx. Returns normalised
         [len(texts), embed_dim]."""
 
     def encode_images_with_prompts(self, images: torch.Tensor,

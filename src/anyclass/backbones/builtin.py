@@ -5,8 +5,9 @@
 loads its model; ``builtin:mini`` / ``builtin:full`` name the world configuration; a path
 loads a model directory written by `anyclass.world.train` (model.safetensors + config.json,
 never a pickle). The model is a small ViT trained LiT-style against the frozen MiniLM
-sentence encoder (`anyclass.world.model`), so both prompt hooks are native: no forward hooks
-are needed, the model's own forward takes context vectors and deep prompts.
+sentence encoder (`anyclass.world.model`), so the CoOp and deep visual prompt hooks are native:
+the model's own forward takes context vectors and deep prompts. Deep text context (MaPLe) uses
+the generic pre-hooks of :mod:`.hooks` on the MiniLM's layers, so `anyclass.world` stays as is.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from PIL import Image
 from ..errors import SpecError
 from ..world.model import CONFIG_FILE, IMAGE_MEAN, IMAGE_STD, WEIGHTS_FILE, BuiltinModel
 from .factory import BACKBONES
-from .hooks import check_context, check_prompts
+from .hooks import PromptError, check_context, check_deep_context, check_prompts, context_starts, deep_context
 from .weights import file_sha256
 
 TEXT_BATCH = 256
@@ -91,6 +92,7 @@ class BuiltinCLIP:
         self.logit_bias = 0.0                     # CLIP-style softmax model: no bias
         self.embed_dim = int(vcfg.embed_dim)
         self.text_width = int(model.text.width)
+        self.text_layers = len(model.text.bert.encoder.layer)
         self.vision_width = int(vcfg.width)
         self.vision_layers = int(vcfg.depth)
         self.image_size = int(vcfg.image_size)
@@ -136,14 +138,19 @@ class BuiltinCLIP:
         return torch.cat([self.model.encode_texts(texts[s:s + TEXT_BATCH])
                           for s in range(0, len(texts), TEXT_BATCH)])
 
-    def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor,
-                                 placeholder: str = "X") -> torch.Tensor:
+    def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor, placeholder: str = "X",
+                                 deep_ctx: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
         ctx = check_context(ctx, len(texts), self.text_width)
+        deep = check_deep_context(deep_ctx, len(texts), ctx.shape[1], self.text_width, self.text_layers)
         try:
-            return self.model.encode_text_with_context(texts, ctx, placeholder)
+            starts = None  # the model finds ctx's positions itself; deep_ctx needs them here too
+            if any(d is not None for d in deep):
+                starts = context_starts(self.model.text.tokenize(texts), self.model.placeholder_id(placeholder),
+                                        ctx.shape[1], texts, placeholder)
+            with deep_context(self.model.text.bert.encoder.layer, starts, deep):
+                return self.model.encode_text_with_context(texts, ctx, placeholder)
         except ValueError as e:
-            from .hooks import PromptError
             raise PromptError(str(e)) from None
 
     def encode_images_with_prompts(self, images: torch.Tensor,

@@ -10,9 +10,10 @@ weights-only loading). The model is kept in float32; callers may use autocast.
   last position; CLIP pools the EOS token under a causal mask, so padding does not matter).
 * transformers 5 returns output objects from ``get_*_features``: the embedding is
   ``pooler_output`` (tensors, as older versions return, are accepted too).
-* Prompt hooks (see :mod:`.hooks`): CLIP — context replaces token embeddings, EOS pooling as the
-  model does; deep prompts after the class token, class-token pooling. SigLIP — same text hook
-  (last-token pooling as the model does); deep prompts at the front of the patch tokens (there is
+* Prompt hooks (see :mod:`.hooks`): CLIP — context replaces token embeddings (deep context the
+  text layers' inputs at the same positions), EOS pooling as the model does; deep prompts after
+  the class token, class-token pooling. SigLIP — same text hook (last-token pooling as the model
+  does); deep prompts at the front of the patch tokens (there is
   no class token) and removed before the attention-pooling head, which so pools only the
   patch tokens.
 """
@@ -28,8 +29,8 @@ from torch import nn
 
 from ..errors import AnyclassError, SpecError
 from .factory import BACKBONES
-from .hooks import (logit_scale_and_bias, check_context, check_prompts, chunks, context_starts, deep_prompts, freeze,
-                    normalized, placeholder_token_id, replace_token_embeddings)
+from .hooks import (logit_scale_and_bias, check_context, check_deep_context, check_prompts, chunks, context_starts,
+                    deep_context, deep_prompts, freeze, normalized, placeholder_token_id, replace_token_embeddings)
 from .weights import state_dict_hash
 
 SUPPORTED = ("clip", "siglip")
@@ -153,6 +154,7 @@ class HFClipBackbone:
         else:
             self.embed_dim = int(getattr(tcfg, "projection_size", None) or vcfg.hidden_size)
         self.text_width = int(tcfg.hidden_size)
+        self.text_layers = len(model.text_model.encoder.layers)
         self.vision_width = int(vcfg.hidden_size)
         self.vision_layers = len(model.vision_model.encoder.layers)
         self.logit_scale, self.logit_bias = logit_scale_and_bias(model)
@@ -213,13 +215,16 @@ class HFClipBackbone:
             return torch.empty(0, self.embed_dim, device=self.device)
         return normalized(torch.cat(out))
 
-    def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor,
-                                 placeholder: str = "X") -> torch.Tensor:
+    def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor, placeholder: str = "X",
+                                 deep_ctx: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         texts = list(texts)
         ctx = check_context(ctx, len(texts), self.text_width)
+        deep = check_deep_context(deep_ctx, len(texts), ctx.shape[1], self.text_width, self.text_layers)
         ids = self.tokenizer(texts).to(self.device)
         starts = context_starts(ids, self._placeholder_id(placeholder), ctx.shape[1], texts, placeholder)
-        with replace_token_embeddings(self.model.text_model.embeddings.token_embedding, starts, ctx):
+        tm = self.model.text_model
+        with replace_token_embeddings(tm.embeddings.token_embedding, starts, ctx), \
+                deep_context(tm.encoder.layers, starts, deep):
             x = self._encode_ids(ids)
         return normalized(x)
 

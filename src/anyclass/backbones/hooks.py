@@ -6,6 +6,8 @@ library runs it:
 
 * text (CoOp): a forward hook on the token-embedding layer replaces the embeddings of the first
   run of ``n_ctx`` placeholder tokens in each text by the context vectors;
+* deep text (MaPLe): a forward pre-hook on text block ``j + 1`` overwrites the hidden states at
+  the positions the context went to with ``deep_ctx[j]``;
 * vision (VPT/MaPLe deep prompts): a forward pre-hook on transformer block ``i`` inserts (first
   prompted block) or replaces (later blocks) prompt tokens right after the prefix tokens (the
   class token, if any); a forward hook on the last block drops them again, so the model's own
@@ -76,20 +78,80 @@ def replace_token_embeddings(embedding: nn.Module, starts: torch.Tensor,
                              ctx: torch.Tensor) -> Iterator[None]:
     """While active, `embedding`'s output [B, L, W] has rows starts[b]:starts[b]+n_ctx
     replaced by ctx[b] (differentiable in ctx)."""
-    n_ctx = ctx.shape[1]
-
     def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
-        b = torch.arange(out.shape[0], device=out.device).unsqueeze(1)
-        pos = starts.to(out.device).unsqueeze(1) + torch.arange(n_ctx, device=out.device)
-        out = out.clone()
-        out[b, pos] = ctx.to(device=out.device, dtype=out.dtype)
-        return out
+        return _replace_rows(out, starts, ctx)
 
     handle = embedding.register_forward_hook(hook)
     try:
         yield
     finally:
         handle.remove()
+
+
+def _replace_rows(x: torch.Tensor, starts: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """x [B, L, W] with rows starts[b]:starts[b]+n_ctx set to ctx[b] (out of place, so autograd
+    sees the write)."""
+    b = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    pos = starts.to(x.device).unsqueeze(1) + torch.arange(ctx.shape[1], device=x.device)
+    x = x.clone()
+    x[b, pos] = ctx.to(device=x.device, dtype=x.dtype)
+    return x
+
+
+# ---------------------------------------------------------------- text (MaPLe deep context)
+
+def check_deep_context(deep_ctx: Sequence[torch.Tensor | None] | None, n_texts: int, n_ctx: int,
+                       width: int, n_layers: int) -> list[torch.Tensor | None]:
+    """Validate deep_ctx (each None, [n_ctx, W] or [B, n_ctx, W]; at most n_layers - 1 entries,
+    as layer 0's context is ctx itself); return [B, n_ctx, W] tensors or None."""
+    if deep_ctx is None:
+        return []
+    if isinstance(deep_ctx, torch.Tensor):
+        raise PromptError("deep_ctx must be a sequence (one entry per text layer from layer 1), not a tensor")
+    if len(deep_ctx) > max(n_layers - 1, 0):
+        raise PromptError(f"{len(deep_ctx)} deep_ctx entries for a text transformer of {n_layers} layers "
+                          f"(at most {max(n_layers - 1, 0)}: layer 0's context is ctx)")
+    out: list[torch.Tensor | None] = []
+    for j, d in enumerate(deep_ctx):
+        if d is not None:
+            shape = list(d.shape)
+            d = d.unsqueeze(0).expand(n_texts, -1, -1) if d.dim() == 2 else d
+            if d.dim() != 3 or d.shape[0] != n_texts or d.shape[2] != width:
+                raise PromptError(f"deep_ctx[{j}] must be [{n_ctx}, {width}] or [{n_texts}, {n_ctx}, {width}], "
+                                  f"got {shape}")
+            if d.shape[1] != n_ctx:
+                raise PromptError(f"deep_ctx[{j}] has {d.shape[1]} context vectors but ctx has {n_ctx}")
+        out.append(d)
+    return out
+
+
+@contextmanager
+def deep_context(blocks: Sequence[nn.Module], starts: torch.Tensor | None,
+                 deep_ctx: list[torch.Tensor | None], batch_first: bool = True) -> Iterator[None]:
+    """While active, the hidden states entering block j+1 at rows starts[b]:starts[b]+n_ctx (where
+    ctx went, so masks and pooling see the same sequence) are replaced by deep_ctx[j][b]; None
+    keeps the block's own input. No entry: no hook at all (the plain CoOp computation)."""
+    if not any(d is not None for d in deep_ctx):
+        yield
+        return
+    assert starts is not None
+
+    def pre(d: torch.Tensor) -> Callable:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            key = None if args else next(k for k in _HIDDEN_KEYS if k in kwargs)
+            x = args[0] if key is None else kwargs[key]
+            x = _replace_rows(x if batch_first else x.transpose(0, 1), starts, d)
+            x = x if batch_first else x.transpose(0, 1)
+            return ((x, *args[1:]), kwargs) if key is None else (args, {**kwargs, key: x})
+        return hook
+
+    handles = [blocks[j + 1].register_forward_pre_hook(pre(d), with_kwargs=True)
+               for j, d in enumerate(deep_ctx) if d is not None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------- vision (deep visual prompts)

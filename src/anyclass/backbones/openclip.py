@@ -12,8 +12,9 @@ OpenAI weights were trained with QuickGELU: using them with a plain config (``Vi
 instead of ``ViT-B-16-quickgelu``) warns (METHODS.md §0).
 
 Prompt hooks (see :mod:`.hooks`): the text hook works for every open_clip text tower with a
-token-embedding layer; the deep-visual-prompt hook needs open_clip's ``VisionTransformer``
-image tower (ResNet and timm towers raise :class:`HookUnsupportedError`).
+token-embedding layer (deep text context: open_clip transformers and BERT-like HF towers); the
+deep-visual-prompt hook needs open_clip's ``VisionTransformer`` image tower (ResNet and timm
+towers raise :class:`HookUnsupportedError`).
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ from torch import nn
 
 from ..errors import AnyclassError, SpecError
 from .factory import BACKBONES
-from .hooks import (logit_scale_and_bias, HookUnsupportedError, check_context, check_prompts, chunks, context_starts,
-                    deep_prompts, freeze, normalized, placeholder_token_id, replace_token_embeddings)
+from .hooks import (logit_scale_and_bias, HookUnsupportedError, check_context, check_deep_context, check_prompts,
+                    chunks, context_starts, deep_context, deep_prompts, freeze, normalized, placeholder_token_id,
+                    replace_token_embeddings)
 from .weights import (SAFETENSORS_EXT, TORCH_EXT, file_sha256, load_state_dict, state_dict_hash,
                       state_dict_mismatch)
 
@@ -177,6 +179,8 @@ class OpenClipBackbone:
         self.embed_dim = int(cfg.get("embed_dim") or getattr(model.visual, "output_dim", 0))
         emb = self._token_embedding(required=False)
         self.text_width = int(emb.embedding_dim) if emb is not None else 0
+        blocks = self._text_blocks()
+        self.text_layers = len(blocks[0]) if blocks is not None else 0
         vit = self._vit(required=False)
         self.vision_width = int(vit.transformer.width) if vit is not None else 0
         self.vision_layers = len(vit.transformer.resblocks) if vit is not None else 0
@@ -241,14 +245,19 @@ class OpenClipBackbone:
             return torch.empty(0, self.embed_dim, device=self.device)
         return normalized(torch.cat(out))
 
-    def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor,
-                                 placeholder: str = "X") -> torch.Tensor:
+    def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor, placeholder: str = "X",
+                                 deep_ctx: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         texts = list(texts)
         emb = self._token_embedding(required=True)
         ctx = check_context(ctx, len(texts), self.text_width)
+        blocks, batch_first = self._text_blocks() or ([], True)
+        if not blocks and isinstance(deep_ctx, (list, tuple)) and deep_ctx:
+            raise HookUnsupportedError(f"openclip:{self.name}: deep text context needs text transformer blocks "
+                                       f"(open_clip's own or a BERT-like HF tower's), which this text tower lacks")
+        deep = check_deep_context(deep_ctx, len(texts), ctx.shape[1], self.text_width, self.text_layers)
         ids = self.tokenizer(texts).to(self.device)
         starts = context_starts(ids, self._placeholder_id(placeholder), ctx.shape[1], texts, placeholder)
-        with replace_token_embeddings(emb, starts, ctx):
+        with replace_token_embeddings(emb, starts, ctx), deep_context(blocks, starts, deep, batch_first):
             x = self.model.encode_text(ids)
         return normalized(x)
 
@@ -274,6 +283,17 @@ class OpenClipBackbone:
             raise HookUnsupportedError(f"openclip:{self.name}: its text tower has no token-embedding layer, "
                                        f"so context vectors cannot be inserted")
         return None
+
+    def _text_blocks(self) -> tuple[nn.ModuleList, bool] | None:
+        """(text transformer blocks, batch_first): open_clip's own transformer (CLIP or a custom
+        text tower; older ones run sequence-first) or a BERT-like HF text tower's layers."""
+        text = getattr(self.model, "text", None)
+        for owner in (self.model, text):
+            t = getattr(owner, "transformer", None)
+            if isinstance(getattr(t, "resblocks", None), nn.ModuleList):
+                return t.resblocks, bool(getattr(t, "batch_first", True))
+        layers = getattr(getattr(getattr(text, "transformer", None), "encoder", None), "layer", None)
+        return (layers, True) if isinstance(layers, nn.ModuleList) else None
 
     def _vit(self, required: bool) -> nn.Module | None:
         from open_clip.transformer import VisionTransformer
