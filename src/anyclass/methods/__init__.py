@@ -11,7 +11,7 @@ from .base import FeatureMethod, FeatureSet
 
 METHODS: Registry[FeatureMethod] = Registry("method")
 
-_MODULES = ["zeroshot", "tip_adapter", "tipx", "hub"]
+_MODULES = ["zeroshot", "tip_adapter", "tipx", "hub", "linear_probe"]
 for _m in _MODULES:
     importlib.import_module(f"{__name__}.{_m}")
 
