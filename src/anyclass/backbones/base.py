@@ -50,6 +50,10 @@ class VisionLanguageModel(Protocol):
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Strings -> L2-normalised embeddings [len(texts), embed_dim]."""
 
+    def embed_words(self, text: str) -> torch.Tensor:
+        """[n, text_width] token embeddings of the words of `text` (no special tokens): the
+        initial value of context vectors initialised from a phrase ("a photo of a")."""
+
     def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor, placeholder: str = "X",
                                  deep_ctx: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         """CoOp-style hook: each text holds a run of n_ctx placeholder words (e.g.

@@ -22,7 +22,7 @@ from PIL import Image
 from ..errors import SpecError
 from ..world.model import CONFIG_FILE, IMAGE_MEAN, IMAGE_STD, WEIGHTS_FILE, BuiltinModel
 from .factory import BACKBONES
-from .hooks import PromptError, check_context, check_deep_context, check_prompts, context_starts, deep_context
+from .hooks import word_embeddings, PromptError, check_context, check_deep_context, check_prompts, context_starts, deep_context
 from .weights import file_sha256
 
 TEXT_BATCH = 256
@@ -137,6 +137,9 @@ class BuiltinCLIP:
             return torch.empty(0, self.embed_dim, device=self.device)
         return torch.cat([self.model.encode_texts(texts[s:s + TEXT_BATCH])
                           for s in range(0, len(texts), TEXT_BATCH)])
+
+    def embed_words(self, text: str) -> torch.Tensor:
+        return word_embeddings(self.tokenizer, self.model.text.bert.embeddings.word_embeddings, text)
 
     def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor, placeholder: str = "X",
                                  deep_ctx: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:

@@ -48,6 +48,19 @@ def placeholder_token_id(tokenize: Callable[[list[str]], torch.Tensor], placehol
     return ids[0]
 
 
+def word_embeddings(tokenize: Callable[[list[str]], torch.Tensor], embedding: nn.Module,
+                    text: str) -> torch.Tensor:
+    """[n, W] token embeddings of `text`'s own tokens (no start/end/pad tokens): what CoOp
+    initialises its context from ("a photo of a")."""
+    empty = set(tokenize([""])[0].tolist())
+    ids = [i for i in tokenize([text])[0].tolist() if i not in empty]
+    if not ids:
+        raise PromptError(f"{text!r} has no tokens of its own for this tokenizer")
+    w = embedding.weight
+    with torch.no_grad():
+        return embedding(torch.tensor(ids, device=w.device)).detach().clone()
+
+
 def context_starts(ids: torch.Tensor, token_id: int, n_ctx: int, texts: Sequence[str],
                    placeholder: str) -> torch.Tensor:
     """Start index of the first run of `n_ctx` consecutive `token_id` in each row of `ids`."""

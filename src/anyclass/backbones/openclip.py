@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import AnyclassError, SpecError
 from .factory import BACKBONES
-from .hooks import (logit_scale_and_bias, HookUnsupportedError, check_context, check_deep_context, check_prompts,
+from .hooks import (word_embeddings, logit_scale_and_bias, HookUnsupportedError, check_context, check_deep_context, check_prompts,
                     chunks, context_starts, deep_context, deep_prompts, freeze, normalized, placeholder_token_id,
                     replace_token_embeddings)
 from .weights import (SAFETENSORS_EXT, TORCH_EXT, file_sha256, load_state_dict, state_dict_hash,
@@ -244,6 +244,9 @@ class OpenClipBackbone:
         if not out:
             return torch.empty(0, self.embed_dim, device=self.device)
         return normalized(torch.cat(out))
+
+    def embed_words(self, text: str) -> torch.Tensor:
+        return word_embeddings(self.tokenizer, self._token_embedding(required=True), text)
 
     def encode_text_with_context(self, texts: Sequence[str], ctx: torch.Tensor, placeholder: str = "X",
                                  deep_ctx: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:

@@ -11,7 +11,8 @@ from .base import FeatureMethod, FeatureSet
 
 METHODS: Registry[FeatureMethod] = Registry("method")
 
-_MODULES = ["zeroshot", "tip_adapter", "tipx", "hub", "linear_probe"]
+_MODULES = ["zeroshot", "tip_adapter", "tipx", "hub", "linear_probe", "coop", "cocoop", "vpt",
+            "maple", "apex"]
 for _m in _MODULES:
     importlib.import_module(f"{__name__}.{_m}")
 

@@ -36,6 +36,11 @@ class FeatureMethod:
     needs_support: bool = False
     #: whether the method runs its own models on images (eval/image_level.py)
     image_level: bool = False
+    #: whether the method learns parameters inside the frozen backbone (methods/prompted.py)
+    learns_in_backbone: bool = False
+    #: whether a fitted method can score classes it was not fitted on (base-to-new, cross-
+    #: dataset): true of zero-shot and prompt learning, false of cache/probe classifiers
+    transfers: bool = False
 
     def get_params(self) -> dict:
         sig = inspect.signature(type(self).__init__)

@@ -10,6 +10,7 @@ from .base import FeatureMethod, FeatureSet
 @METHODS.register("zeroshot")
 class ZeroShot(FeatureMethod):
     needs_train = False
+    transfers = True
 
     def __init__(self, logit_scale: float = 100.0) -> None:
         self.logit_scale = logit_scale
