@@ -33,12 +33,23 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
 def classify(paths: Sequence[str], classnames: Sequence[str],
              backbone: VisionLanguageModel | None, templates: str = "single", top_k: int = 5,
              batch_size: int = 64, progress: bool = False, method: str = "zeroshot",
-             hub: str | None = None) -> list[dict]:
+             hub: str | None = None, prompts: str | None = None,
+             new_classes: bool = False) -> list[dict]:
     """Top-k (class, probability) per readable image; unreadable ones are warned and skipped.
     method "zeroshot" uses `backbone`; "hub" selects expert heads from the hub (default: the
-    offline world's) and uses `backbone` only for classes no head covers."""
+    offline world's) and uses `backbone` only for classes no head covers. `prompts`: a
+    learned-prompt file (`anyclass eval --save-prompts`), checked against the backbone and
+    the class names (other classes only with `new_classes`)."""
     ds = LabeledImages("classify", list(paths), [-1] * len(paths), list(classnames))
-    if method == "hub":
+    if prompts is not None:
+        from ..methods.prompted import load_prompts
+        from .fitting import predict_images
+        m = load_prompts(prompts, backbone, classnames, allow_new_classes=new_classes)
+        logits, _, rows = predict_images(m, backbone, ds, progress)
+        valid = torch.zeros(len(paths), dtype=torch.bool)
+        valid[rows] = True
+        probs = logits[rows.argsort()].softmax(dim=-1)
+    elif method == "hub":
         from ..methods import create_method
         from .image_level import hub_predict
         m = create_method("hub", hub=hub)

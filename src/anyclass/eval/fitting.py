@@ -88,7 +88,7 @@ class Fitted:
             raise AnyclassError(f"method {self.method!r} cannot score classes it was not trained "
                                 f"on ({dataset} has other classes than {self.info.get('train')})")
         if getattr(est, "learns_in_backbone", False):
-            logits, labels = _predict_images(est, self.backbone, test, progress)
+            logits, labels, _ = predict_images(est, self.backbone, test, progress)
         else:
             if names != self.train_classnames:           # class-agnostic (zero-shot): refit
                 W = build_text_classifier(self.backbone, names, _templates(self.templates, test))
@@ -107,8 +107,9 @@ def _templates(name: str, ds: LabeledImages) -> list[str]:
 
 
 @torch.no_grad()
-def _predict_images(est, backbone, ds: LabeledImages, progress: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_images(est, backbone, ds: LabeledImages, progress: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [N', K], labels [N'] and row indices [N'] of the readable images of `ds`."""
     from ..methods.training import iter_batches
     classes = est.encode_classes(backbone, list(ds.classnames))     # once for all batches
     out, rows = [], []
@@ -118,7 +119,7 @@ def _predict_images(est, backbone, ds: LabeledImages, progress: bool
     if not out:
         raise AnyclassError(f"{ds.name}: no readable image")
     idx = torch.cat(rows)
-    return torch.cat(out), torch.as_tensor(np.asarray(ds.labels, dtype=np.int64))[idx]
+    return torch.cat(out), torch.as_tensor(np.asarray(ds.labels, dtype=np.int64))[idx], idx
 
 
 def fit_on(method: str, backbone, dataset: str, *, shots: int, seed: int,

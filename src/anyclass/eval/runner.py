@@ -46,6 +46,7 @@ class EvalConfig:
     support_prompts: str = "photo"
     generator: str | None = None     # local diffusers folder (support_strategy="generation")
     augment: str = "flip_crop"       # augmentation of the cache passes (augment_passes > 0)
+    save_prompts: str | None = None  # methods learning inside the backbone: learned-state file
 
 
 #: train splits up to this size are extracted whole per augmented pass (one cache entry per
@@ -132,6 +133,8 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
         return run_image_eval(cfg, method, backbone=backbone, progress=progress)
     if method.needs_train and cfg.shots <= 0:
         raise AnyclassError(f"method {cfg.method!r} needs labelled shots: pass --shots K")
+    if getattr(method, "learns_in_backbone", False):  # trains on images (prompt learning)
+        return _run_fitted(cfg, backbone, progress, t0)
     if getattr(method, "needs_support", False):
         _check_support_source(cfg)
     test = load_dataset(cfg.dataset, cfg.split)
@@ -198,6 +201,31 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
         "chance_acc1": 1.0 / len(test.classnames),
         "backbone_identity": backbone.identity, "anyclass_version": __version__,
         "timings_s": {"features": round(t_feat, 3), "fit": round(t_fit, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
+
+
+def _run_fitted(cfg: EvalConfig, backbone, progress: bool, t0: float) -> dict:
+    """Methods that learn inside the backbone: fit on the few-shot train split (epoch chosen
+    on val), score `cfg.split`; same result keys as the feature-level path."""
+    from .fitting import fit_on
+    backbone = backbone or create_backbone(cfg.backbone, cfg.device)
+    fitted = fit_on(cfg.method, backbone, cfg.dataset, shots=cfg.shots, seed=cfg.seed,
+                    hparams=cfg.hparams, templates=cfg.templates, state_path=cfg.save_prompts,
+                    progress=progress)
+    res = fitted.evaluate(cfg.dataset, cfg.split, progress=progress)
+    info = fitted.info
+    return {
+        "dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method,
+        "shots": cfg.shots, "seed": cfg.seed, "metrics": res["metrics"], "split": cfg.split,
+        "templates": cfg.templates, "cupl": None, "hparams": info["hparams"],
+        "chosen": info.get("chosen"), "train_images": info.get("train_images", 0),
+        "val_images": info.get("val_images", 0), "num_classes": res["num_classes"],
+        "num_images": res["num_images"], "skipped_images": res["skipped_images"],
+        "chance_acc1": 1.0 / res["num_classes"], "learned_parameters": info.get("learned_parameters"),
+        "prompts": info.get("state_file"),
+        "backbone_identity": backbone.identity, "anyclass_version": __version__,
+        "timings_s": {"fit": info.get("fit_seconds"), "evaluate": res["seconds"],
+                      "total": round(time.perf_counter() - t0, 3)},
     }
 
 

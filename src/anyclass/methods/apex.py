@@ -73,7 +73,6 @@ class APEX(PromptMethod):
         self.beta = beta
         self.eps = eps
         self._init_recipe({**{k: v for k, v in preset.items() if k != "vision_depth"}, **recipe})
-        self._zs: dict[tuple, torch.Tensor] = {}
 
     def make_module(self, backbone, classnames: Sequence[str]) -> nn.Module:
         depth = min(self.vision_depth or backbone.vision_layers, backbone.vision_layers)
@@ -83,18 +82,12 @@ class APEX(PromptMethod):
     def vision_prompted(self) -> bool:
         return True
 
-    def _zeroshot(self, backbone, names: Sequence[str]) -> torch.Tensor:
-        key = (backbone.identity, tuple(names))
-        if key not in self._zs:
-            self._zs[key] = zeroshot_text(backbone, names)
-        return self._zs[key]
-
     def alphas(self, backbone, classnames: Sequence[str]) -> torch.Tensor:
         """α_c of each class (1 for every class when the ensemble is off)."""
         if not self.ensemble:
             return torch.ones(len(classnames), device=backbone.device)
-        return ensemble_weights(self._zeroshot(backbone, classnames),
-                                self._zeroshot(backbone, self.classnames_), self.beta, self.eps)
+        return ensemble_weights(zeroshot_text(backbone, classnames),
+                                zeroshot_text(backbone, self.classnames_), self.beta, self.eps)
 
     def encode_classes(self, backbone, classnames: Sequence[str]) -> tuple[torch.Tensor, float]:
         m = self.module_

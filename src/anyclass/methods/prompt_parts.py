@@ -48,10 +48,19 @@ def image_features(backbone, images: torch.Tensor,
     return backbone.encode_images_with_prompts(images, prompts).float()
 
 
+_ZS_MEMO: dict[tuple, torch.Tensor] = {}
+
+
 @torch.no_grad()
 def zeroshot_text(backbone, classnames: Sequence[str], template: str = "a photo of a {}.") -> torch.Tensor:
-    """Frozen zero-shot class embeddings [K, D] (one template, as the papers' baselines)."""
-    return backbone.encode_texts(texts_for(template, classnames)).float()
+    """Frozen zero-shot class embeddings [K, D] (one template, as the papers' baselines);
+    memoised, since a training loop asks for them at every step."""
+    key = (backbone.identity, backbone.weights_hash, str(backbone.device), template, tuple(classnames))
+    if key not in _ZS_MEMO:
+        if len(_ZS_MEMO) > 64:
+            _ZS_MEMO.clear()
+        _ZS_MEMO[key] = backbone.encode_texts(texts_for(template, classnames)).float()
+    return _ZS_MEMO[key]
 
 
 def prompt_params(n_layers: int, n_tokens: int, width: int) -> nn.ParameterList:

@@ -180,7 +180,7 @@ def load_prompts(path: str | Path, backbone, classnames: Sequence[str] | None = 
         diff = [c for c in classnames if c not in trained][:3] or [c for c in trained if c not in classnames][:3]
         raise PromptFileError(f"{path} was learned for {len(trained)} other classes "
                               f"({', '.join(trained[:4])}...); the classes given differ "
-                              f"(e.g. {', '.join(diff) or 'in order'}); allow new classes to "
+                              f"(e.g. {', '.join(diff) or 'in order'}); pass --new-classes "
                               f"apply its prompts to them")
     method = create_method(meta["method"], **json.loads(meta["hparams"]))
     if not isinstance(method, PromptMethod):
