@@ -181,7 +181,7 @@ def load_prompts(path: str | Path, backbone, classnames: Sequence[str] | None = 
         raise PromptFileError(f"{path} was learned for {len(trained)} other classes "
                               f"({', '.join(trained[:4])}...); the classes given differ "
                               f"(e.g. {', '.join(diff) or 'in order'}); pass --new-classes "
-                              f"apply its prompts to them")
+                              f"(allow_new_classes=True) to apply its prompts to them")
     method = create_method(meta["method"], **json.loads(meta["hparams"]))
     if not isinstance(method, PromptMethod):
         raise PromptFileError(f"{path}: method {meta['method']!r} does not learn prompts")
