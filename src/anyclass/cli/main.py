@@ -85,12 +85,45 @@ def cmd_world(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from ..eval.report import bar_chart, results_table
-    results = [json.loads(Path(p).read_text()) for p in a.results]
-    table = results_table(results, a.metric)
-    print(table)
+    from ..eval.report import (bar_chart, load_results, protocol_tables, results_table,
+                               write_report)
+    results = load_results(a.results)
+    if not results:
+        raise AnyclassError("no result files found in " + ", ".join(a.results))
+    single = [r for r in results if not r.get("protocol")]
+    tables = protocol_tables(results, a.metric)
+    print("\n\n".join(([results_table(single, a.metric)] if single else [])
+                      + [f"## {t.title}\n\n{t.to_markdown()}" for t in tables.values()]))
     if a.plot:
-        print(f"wrote {bar_chart(results, a.plot, a.metric)}")
+        if not single:
+            raise AnyclassError("--plot draws single-run results; a sweep's plots are "
+                                "written with --out DIR")
+        print(f"wrote {bar_chart(single, a.plot, a.metric)}")
+    if a.out:
+        for p in write_report(results, a.out, a.metric):
+            print(f"wrote {p}")
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    from ..eval.protocols import expand, load_grid_file, make_grid, parse_hparam_flags
+    from ..eval.sweep import run_sweep
+    grid = make_grid(load_grid_file(a.config) if a.config else None,
+                     protocol=a.protocol, methods=a.methods, datasets=a.datasets,
+                     seeds=a.seeds, shots=a.shots, backbone=a.backbone,
+                     templates=a.templates, source=a.source,
+                     hparams=parse_hparam_flags(a.hparam))
+    cells = expand(grid)
+    out = Path(a.out or f"runs/sweep-{grid.protocol}")
+    if a.dry_run:
+        for c in cells:
+            print(f"{c.name}  ->  {out / c.relpath()}")
+        print(f"{len(cells)} cells")
+        return 0
+    summary = run_sweep(cells, out, workers=a.workers, ray=a.ray, device=a.device)
+    if summary.failed:
+        print(f"error: {len(summary.failed)} cells failed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -156,11 +189,38 @@ def build_parser() -> argparse.ArgumentParser:
                            help="folder to write (default: the package's resources/world)")
         x.set_defaults(fn=cmd_world)
 
-    r = sub.add_parser("report", help="markdown table (and bar chart) from result JSON files")
-    r.add_argument("results", nargs="+")
-    r.add_argument("--metric", default="acc1")
-    r.add_argument("--plot", help="PNG path for a bar chart")
+    r = sub.add_parser("report", help="tables (markdown, CSV) and plots from result JSON "
+                       "files or folders of them (single runs and sweeps)")
+    r.add_argument("results", nargs="+", help="result JSON files or folders (recursive)")
+    r.add_argument("--metric", default="acc1", help="acc1, acc5 or mean_per_class_recall")
+    r.add_argument("--plot", help="PNG path for a bar chart of single-run results")
+    r.add_argument("--out", help="folder for table_<protocol>.md/.csv and plots")
     r.set_defaults(fn=cmd_report)
+
+    sw = sub.add_parser("sweep", help="run a protocol (fewshot, base2new, xd, dg) as one "
+                        "resumable sweep of result files")
+    sw.add_argument("--config", help="YAML grid file (keys: protocol, methods, datasets, seeds, "
+                    "shots, backbone, hparams, templates, source); flags override it")
+    sw.add_argument("--protocol", help="fewshot, base2new, xd or dg")
+    sw.add_argument("--methods", help="comma-separated method names")
+    sw.add_argument("--datasets", help="comma-separated dataset specs (xd/dg: the targets; "
+                    "default xd: every world task but the source, dg: the source in every "
+                    "shifted domain)")
+    sw.add_argument("--seeds", help="comma-separated (default 1,2,3)")
+    sw.add_argument("--shots", help="comma-separated (default fewshot 1,2,4,8,16, others 16)")
+    sw.add_argument("--backbone", help="backbone spec (default builtin)")
+    sw.add_argument("--templates", help="prompt templates (default single)")
+    sw.add_argument("--source", help="xd/dg training dataset (default world:source)")
+    sw.add_argument("--hparam", action="append", metavar="METHOD.NAME=VALUE")
+    sw.add_argument("--out", help="result folder (default runs/sweep-<protocol>)")
+    sw.add_argument("--workers", type=int, default=1,
+                    help="local worker processes (default 1: in this process)")
+    sw.add_argument("--ray", metavar="auto|local|ADDRESS",
+                    help="run cells as Ray tasks on a cluster (auto: the running one; local: "
+                    "start one here)")
+    sw.add_argument("--device")
+    sw.add_argument("--dry-run", action="store_true", help="list the cells and their files")
+    sw.set_defaults(fn=cmd_sweep)
 
     d = sub.add_parser("demo", help="build the world, classify samples, evaluate every task")
     d.add_argument("--out", default="runs/demo")
