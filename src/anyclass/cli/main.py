@@ -31,14 +31,20 @@ def cmd_classify(a) -> int:
     from ..backbones.factory import create_backbone
     from ..data.classnames import parse_classes, read_classes_file
     from ..eval.classify import classify, expand_inputs
-    if (a.classes is None) == (a.classes_file is None):
-        raise AnyclassError("give the class names with exactly one of --classes or --classes-file")
-    classes = read_classes_file(a.classes_file) if a.classes_file else parse_classes(a.classes)
+    if a.classes is not None and a.classes_file is not None:
+        raise AnyclassError("give the class names with only one of --classes or --classes-file")
+    if a.classes is None and a.classes_file is None:
+        if not a.prompts:
+            raise AnyclassError("give the class names with --classes or --classes-file")
+        from ..methods.prompted import read_prompt_file
+        classes = json.loads(read_prompt_file(a.prompts)[1]["classnames"])  # the file's own
+    else:
+        classes = read_classes_file(a.classes_file) if a.classes_file else parse_classes(a.classes)
     paths = expand_inputs(a.images)
     if not paths:
         raise AnyclassError("no images given")
     rows = classify(paths, classes, create_backbone(a.backbone, a.device), a.templates, a.top_k,
-                    method=a.method, hub=a.hub)
+                    method=a.method, hub=a.hub, prompts=a.prompts, new_classes=a.new_classes)
     if a.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -56,7 +62,7 @@ def cmd_eval(a) -> int:
                      batch_size=a.batch_size, num_workers=a.workers, device=a.device,
                      pool=a.pool, support_per_class=a.support_per_class,
                      support_strategy=a.support_strategy, support_prompts=a.support_prompts,
-                     generator=a.generator)
+                     generator=a.generator, save_prompts=a.save_prompts)
     res = run_eval(cfg)
     m = res["metrics"]
     print(f"{res['dataset']} {res['method']} shots={res['shots']} seed={res['seed']}: "
@@ -148,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=["zeroshot", "hub"], default="zeroshot",
                    help="hub: expert heads selected from the hub (backbone = fallback)")
     c.add_argument("--hub", help="hub file for --method hub (default: the offline world's)")
+    c.add_argument("--prompts", help="learned-prompt file (.safetensors from anyclass eval "
+                   "--save-prompts); classes default to the ones it was learned for")
+    c.add_argument("--new-classes", action="store_true",
+                   help="with --prompts: apply the learned prompts to other class names")
     c.add_argument("--json", action="store_true")
     c.add_argument("--device")
     c.set_defaults(fn=cmd_classify)
@@ -169,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=None)
     e.add_argument("--device")
     e.add_argument("--out", help="result JSON path")
+    e.add_argument("--save-prompts", metavar="PATH",
+                   help="prompt-learning methods: write the learned state (.safetensors) there "
+                   "(reused if it exists); `classify --prompts PATH` applies it")
     e.add_argument("--pool", help="support-set methods (sus-x): image pool spec, folder:DIR, "
                    "list:FILE, wds:SHARDS or world:pool (default for world: datasets)")
     e.add_argument("--support-per-class", type=int, default=16)

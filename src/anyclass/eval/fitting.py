@@ -35,9 +35,12 @@ PROTOCOL_SETTING = {"fewshot": "base2new", "base2new": "base2new", "xd": "transf
 def check_method(method: str, hparams: dict | None = None) -> None:
     """Unknown method or hyperparameter -> SpecError (cheap: builds the estimator only)."""
     try:
-        create_method(method, **(hparams or {}))
+        est = create_method(method, **(hparams or {}))
     except (TypeError, ValueError) as e:
         raise SpecError(f"method {method!r}: {e}") from None
+    if getattr(est, "needs_support", False) or getattr(est, "image_level", False):
+        raise SpecError(f"method {method!r} is not fitted on a train split (it builds its own "
+                        f"support set or runs its own models): run it with `anyclass eval`")
 
 
 def method_transfers(method: str) -> bool:
@@ -162,7 +165,14 @@ def fit_on(method: str, backbone, dataset: str, *, shots: int, seed: int,
                     train_seconds=round(getattr(est, "train_seconds_", 0.0), 3))
     else:
         idx = train.meta["source_indices"]
-        tr = _featureset(extract_features(backbone, full, progress=progress).subset(idx), names)
+        passes = int(params.get("augment_passes") or 0)
+        if passes > 0:                     # Tip-Adapter's cache: averaged augmented passes
+            from .runner import _augmented_train
+            tr = _augmented_train(backbone, full, idx, passes, "flip_crop",
+                                  dict(progress=progress))
+        else:
+            tr = _featureset(extract_features(backbone, full, progress=progress).subset(idx),
+                             names)
         va = None
         if val is not None and len(val):
             va = _featureset(extract_features(backbone, val, progress=progress), names)

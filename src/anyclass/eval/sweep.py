@@ -100,7 +100,9 @@ def run_cell(cell: Cell, out: Path, engine: Engine = Engine(), device: str | Non
         from ..data.fewshot import base_new_split
         names = engine.classnames(cell.dataset)
         base, new = base_new_split(names)
-        fitted = fit(cell.method, backbone, cell.dataset, classes=base, **kw)
+        # the learned state is kept (states/): analyses such as APEX's ensemble reuse it
+        fitted = fit(cell.method, backbone, cell.dataset, classes=base,
+                     state_path=out / cell.state_relpath(), **kw)
         t_fit = time.perf_counter() - t_fit
         t_ev = time.perf_counter()
         eb = fitted.evaluate(cell.dataset, classes=base, progress=False)
