@@ -150,8 +150,12 @@ def read_prompt_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     if not path.is_file():
         raise PromptFileError(f"prompt file not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        head = f.read(9)
+    # safetensors: a little-endian u64 header length, then the JSON header; its first byte
+    # may well be 0x80, so only a file that is not laid out so is taken for a pickle
+    n = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    layout = head[8:9] == b"{" and 8 + n <= path.stat().st_size
+    if not layout and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise PromptFileError(f"{path} is a pickle/torch.save file; anyclass only reads "
                               f"safetensors prompt files (it never unpickles)")
     try:

@@ -101,7 +101,9 @@ def augment(x: torch.Tensor, gen: torch.Generator, scale: Sequence[float] = (0.0
     x0, y0 = u[:, 0] * (w - cw), u[:, 1] * (h - ch)
     flip = torch.rand(b, generator=gen) < 0.5
     boxes = torch.stack([rows.float(), x0, y0, x0 + cw, y0 + ch], 1).to(x.device, x.dtype)
-    out = roi_align(x, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    # one bilinear sample at each output pixel's centre = a bilinear resize of the crop (the
+    # crop is never larger than the input); more samples per bin would blur every image
+    out = roi_align(x, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
     return torch.where(flip.to(x.device)[:, None, None, None], out.flip(-1), out)
 
 
@@ -140,8 +142,8 @@ def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        _, pid, k = key.split(".", 2)
+    for key, v in tensors.items():                       # "<param id>.<state name>"
+        pid, k = key.split(".", 1)
         state.setdefault(int(pid), {})[k] = v
     for key, v in meta["scalars"].items():
         pid, k = key.split(".", 1)
