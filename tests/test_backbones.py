@@ -19,6 +19,7 @@ from anyclass.backbones.factory import create_backbone
 from anyclass.backbones.hooks import HookUnsupportedError, PromptError
 from anyclass.backbones.weights import file_sha256
 from anyclass.errors import AnyclassError, SpecError, UnsafeCheckpointError
+from toys import clip_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights.*:UserWarning")
 
@@ -50,16 +51,6 @@ def oc_configs(tmp_path_factory):
     return d
 
 
-def _clip_tokenizer():
-    """A real CLIP BPE tokenizer for transformers, built from open_clip's bundled vocabulary."""
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
-    st = SimpleTokenizer()
-    vocab = dict(st.encoder)
-    vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
-    vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
-    merges = [pair for pair, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
-    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +58,7 @@ def hf_dirs(tmp_path_factory):
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig, SiglipImageProcessor,
                               SiglipModel)
     root = tmp_path_factory.mktemp("hf")
-    tok = _clip_tokenizer()
+    tok = clip_tokenizer()
     tc = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
               max_position_embeddings=16)
     vc = dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96, num_hidden_layers=3,

@@ -25,6 +25,7 @@ from anyclass.methods import training as T
 from anyclass.methods.apex import ensemble_weights
 from anyclass.methods.prompt_parts import image_features
 from anyclass.methods.prompted import PromptFileError, PromptMethod, load_prompts, read_prompt_file
+from toys import clip_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights.*:UserWarning")
 
@@ -124,16 +125,6 @@ VISION = dict(image_size=32, layers=3, width=48, head_width=16, patch_size=8)
 TINY = ["oc-vit", "hf-clip"]
 
 
-def _clip_tokenizer():
-    """A real CLIP BPE tokenizer for transformers from open_clip's bundled vocabulary."""
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
-    st = SimpleTokenizer()
-    vocab = dict(st.encoder)
-    vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
-    vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
-    merges = [pair for pair, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
-    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +146,7 @@ def tiny(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         CLIPModel(CLIPConfig(text_config=tc, vision_config=vc, projection_dim=24)).save_pretrained(d / "hf")
-        _clip_tokenizer().save_pretrained(d / "hf")
+        clip_tokenizer().save_pretrained(d / "hf")
         CLIPImageProcessor(size={"shortest_edge": 32},
                            crop_size={"height": 32, "width": 32}).save_pretrained(d / "hf")
         return {"oc-vit": create_backbone("openclip:anyclass-ptest-vit", "cpu"),

@@ -43,3 +43,15 @@ class ToyBackbone:
             time.sleep(self.sleep)
         f = torch.tanh(x.flatten(1) @ self.W + self.b)
         return f / f.norm(dim=-1, keepdim=True)
+
+
+def clip_tokenizer():
+    """A real CLIP BPE tokenizer for transformers from open_clip's bundled vocabulary."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+    st = SimpleTokenizer()
+    vocab = dict(st.encoder)
+    vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
+    vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
+    merges = [pair for pair, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
+    return CLIPTokenizer(vocab=vocab, merges=merges)
