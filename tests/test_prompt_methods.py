@@ -725,3 +725,26 @@ def test_prompt_state_file_is_saved_then_reused(bb, animals, tmp_path, monkeypat
     with pytest.warns(UserWarning, match="other hyperparameters"):
         fit_on("coop", bb, "world:animals", **{**kw, "hparams": {**kw["hparams"], "lr": 0.01}})
     assert calls == ["CoOp", "CoOp"]
+
+
+def test_bf16_autocast_on_cpu_only_when_asked(bb, animals, monkeypatch):
+    """amp=None keeps fp32 on the CPU (bit-deterministic); amp=True runs the step under
+    bfloat16 autocast there, deterministic too, and learns nearly the same prompts."""
+    seen = []
+    real = T._autocast
+
+    def spy(device, amp):
+        ctx = real(device, amp)
+        seen.append((amp, ctx.fast_dtype if ctx._enabled else None))
+        return ctx
+
+    monkeypatch.setattr(T, "_autocast", spy)
+    fp32 = make("coop").fit(bb, animals["train"], animals["val"], progress=False)
+    bf16 = [make("coop", amp=True).fit(bb, animals["train"], animals["val"], progress=False)
+            for _ in range(2)]
+    assert {s for a, s in seen if a is None} == {None}
+    assert {s for a, s in seen if a is True} == {torch.bfloat16}
+    a, b, c = (m.module_.ctx.detach() for m in (fp32, *bf16))
+    assert torch.equal(b, c)
+    assert not torch.equal(a, b)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99

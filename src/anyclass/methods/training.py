@@ -6,7 +6,8 @@ this loop supplies what CoOp-style code spreads over a framework —
   resized crop, scale 0.08–1, + horizontal flip) drawn per step from a seeded generator on
   the preprocessed tensors (batched with roi_align, on the device);
 - the paper's optimiser (SGD / Adadelta / AdamW) with a constant warm-up epoch then cosine;
-- AMP (bfloat16) and pinned host memory on CUDA; deterministic fp32 on CPU;
+- AMP (bfloat16) and pinned host memory on CUDA; deterministic fp32 on CPU unless
+  amp=True asks for bfloat16 there too;
 - the learned parameters checkpointed atomically after every epoch, with the optimiser and
   generator state, so an interrupted fit resumes where it stopped;
 - the epoch (or the early stop) chosen on val accuracy, never on test; a NaN loss stops
@@ -215,10 +216,11 @@ def accuracy(method, backbone, x: torch.Tensor, y: torch.Tensor, classnames: Seq
 
 
 def _autocast(device: torch.device | str, amp: bool | None):
-    cuda = torch.device(device).type == "cuda"
-    on = cuda if amp is None else (bool(amp) and cuda)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on) if cuda else \
-        torch.autocast("cpu", enabled=False)
+    """bfloat16 autocast: on CUDA by default (amp=None), anywhere with amp=True (on CPUs
+    with bf16 units it halves the text tower's cost), never with amp=False."""
+    dev = torch.device(device)
+    on = dev.type == "cuda" if amp is None else bool(amp)
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
 
 
 def fit_prompts(method, backbone, train: LabeledImages, val: LabeledImages | None,
