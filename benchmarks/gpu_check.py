@@ -12,8 +12,14 @@ Parts:
   batches under the same autocast, repeats interleaved; images/s and their ratio (target ≥ 0.9).
 - `tipx_search`: issue 3's full 20 α × 200 β × 50 γ TIP-X search on 10,000 test × 1,600
   support × 100 classes × 512-d synthetic features, on the device: seconds, the pick, acc1.
-- `prompt_learning_step_ratio`, `tta_batched_ratio`: skipped with a reason until the
-  prompt-learning (issue 10) and test-time-tuning (issue 11) methods exist.
+- `prompt_methods`: CoOp, CoCoOp, VPT, MaPLe, APEX on open_clip ViT-B-16 (random weights) at
+  224 px, 50 classes, 400 synthetic JPEGs, each method at its recipe batch: the real
+  `fit_prompts` loop (bfloat16 autocast, as the loop does on CUDA) timed from inside, a bare
+  encode_classes + forward + cross-entropy + backward before each timed step (the ratio
+  bare/loop, target ≥ 0.8), `predict_logits` images/s on 128 images (fp32 as eval/fitting.py
+  runs it, and under bf16 autocast), peak memory; benchmarks/prompt_cost.py does the timing.
+- `prompt_learning_step_ratio`: folded into `prompt_methods` (kept as a pointer).
+- `tta_batched_ratio`: skipped with a reason until the test-time-tuning (issue 11) methods exist.
 """
 from __future__ import annotations
 
@@ -37,6 +43,10 @@ SIZES = {
     "extraction": ({"images": 2048, "batch": 256, "repeats": 3}, {"images": 8, "batch": 4, "repeats": 1}),
     "tipx_search": ({"n": 10_000, "m": 1_600, "k": 100, "d": 512},
                     {"n": 200, "m": 64, "k": 8, "d": 32}),
+    "prompt_methods": ({"classes": 50, "images": 400, "warm": 5, "steps": 20, "batch": None,
+                        "infer_batch": 128, "infer_reps": 5},
+                       {"classes": 2, "images": 2, "warm": 0, "steps": 1, "batch": 2,
+                        "infer_batch": 2, "infer_reps": 1}),
 }
 
 
@@ -103,6 +113,46 @@ def tipx_search(device: torch.device, n: int, m: int, k: int, d: int) -> dict:
             "cpu_reference": "53 s on 2 loaded CPU cores (docs/benchmarks.md, TIP-X search)"}
 
 
+def prompt_methods(device: torch.device, classes: int, images: int, warm: int, steps: int,
+                   batch: int | None, infer_batch: int, infer_reps: int,
+                   spec: str = "openclip:ViT-B-16@random") -> dict:
+    """Training step (the real loop vs a bare forward + backward) and inference of each prompt
+    method; `batch` None = each method's recipe batch."""
+    import prompt_cost as pc
+
+    from anyclass.data.base import LabeledImages
+    bb = pc._quiet_backbone(spec, device)
+    paths = write_jpegs(Path(tempfile.gettempdir()) / "anyclass-gpu-check-jpeg", images)
+    names = pc.classnames(classes)
+    ds = LabeledImages("gpu-check-prompts", paths, [i % classes for i in range(len(paths))], names)
+    x = pc.inference_batch(bb, ds, infer_batch)
+    cuda = device.type == "cuda"
+    out: dict = {"backbone": spec, "image_size": int(x.shape[-1]), "classes": classes,
+                 "train_images": len(paths), "amp": "bfloat16" if cuda else "off",
+                 "warm": warm, "steps": steps, "target_ratio": 0.8, "methods": {}}
+    for name in pc.PROMPT_METHODS:
+        t = time.perf_counter()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            est, r = pc.time_steps(name, bb, ds, warm, steps, batch=batch)
+            if cuda:
+                r["train_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            r.update(pc.time_inference(est, bb, x, names, infer_reps))
+            if cuda:
+                r["infer_img_s_bf16"] = pc.time_inference(est, bb, x, names, infer_reps,
+                                                          amp=True)["infer_img_s"]
+            del est
+        except Exception as e:  # noqa: BLE001 — one failing method must not lose the others
+            r = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=3)}
+        r["seconds"] = round(time.perf_counter() - t, 2)
+        out["methods"][name] = r
+    ratios = [r["ratio"] for r in out["methods"].values() if "ratio" in r]
+    out["min_ratio"] = min(ratios) if ratios else None
+    return out
+
+
 def skipped(why: str) -> dict:
     return {"skipped": why}
 
@@ -113,9 +163,10 @@ def run(dry_run: bool, device: torch.device) -> dict:
     parts = {
         "extraction": lambda: extraction(device, **SIZES["extraction"][pick]),
         "tipx_search": lambda: tipx_search(device, **SIZES["tipx_search"][pick]),
+        "prompt_methods": lambda: prompt_methods(device, **SIZES["prompt_methods"][pick]),
         "prompt_learning_step_ratio": lambda: skipped(
-            "no prompt-learning method yet (issue 10): the training-step / bare forward+backward "
-            "ratio is measured once CoOp/MaPLe/APEX exist"),
+            "no separate part any more: the training-step / bare forward+backward ratio of "
+            "each prompt method is in `prompt_methods` (ratio, min_ratio)"),
         "tta_batched_ratio": lambda: skipped(
             "no test-time tuning yet (issue 11): batched vs reference-loop TPT/PromptSync "
             "per-image time is measured once they exist"),
