@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 
+BETAS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 def _state(task: str, seed: int, out: Path) -> Path:
     from anyclass.eval.protocols import expand, make_grid
     cells = expand(make_grid(None, protocol="base2new", methods=["apex"], datasets=[task],
@@ -44,14 +47,22 @@ def per_class(task: str, seed: int, out: Path, backbone) -> list[dict]:
     new_names = list(ds.classnames)
     est.ensemble = True
     enc_on = est.encode_classes(backbone, new_names)
+    beta0 = est.beta
+    enc_beta = {}
+    for b in BETAS:                       # β's effect (the paper fixes β = 4 for CLIP)
+        est.beta = b
+        enc_beta[b] = est.encode_classes(backbone, new_names)
+    est.beta = beta0
     est.ensemble = False
     enc_off = est.encode_classes(backbone, new_names)
     zs = zeroshot_text(backbone, new_names)
-    preds = {"ensemble": [], "adapted": [], "zeroshot": []}
+    preds = {"ensemble": [], "adapted": [], "zeroshot": [], **{f"beta={b}": [] for b in BETAS}}
     rows = []
     for x, idx in iter_batches(backbone, ds):
         preds["ensemble"].append(est.forward(backbone, x, enc_on).argmax(1).cpu())
         preds["adapted"].append(est.forward(backbone, x, enc_off).argmax(1).cpu())
+        for b in BETAS:
+            preds[f"beta={b}"].append(est.forward(backbone, x, enc_beta[b]).argmax(1).cpu())
         preds["zeroshot"].append(cosine_logits(backbone, backbone.encode_images(x).float(), zs)
                                  .argmax(1).cpu())
         rows.append(idx)
@@ -88,6 +99,14 @@ def summarise(rows: list[dict]) -> str:
     f = lambda k: 100 * np.mean([r[k] for r in rows])
     lines.append(f"| all | {len(rows)} | {np.mean([r['alpha'] for r in rows]):.3f} | "
                  f"{f('zeroshot'):.1f} | {f('adapted'):.1f} | {f('ensemble'):.1f} |")
+    lines += ["", "| β | " + " | ".join(str(b) for b in BETAS) + " |",
+              "|---|" + "---|" * len(BETAS),
+              "| new-class accuracy (mean over classes) | "
+              + " | ".join(f"{f(f'beta={b}'):.1f}" for b in BETAS) + " |"]
+    d_nn = np.array([r["d_nn"] for r in rows])
+    lines += ["", f"d_avg of new classes to the base classes: median {np.median(d):.3f} "
+              f"(α at the median with β = 4: {np.exp(-4 * np.median(d)):.3f}); d_nn median "
+              f"{np.median(d_nn):.3f}, {int((d_nn <= 0.05).sum())} of {len(rows)} within ε"]
     return "\n".join(lines)
 
 

@@ -18,7 +18,6 @@ Parts:
   encode_classes + forward + cross-entropy + backward before each timed step (the ratio
   bare/loop, target ≥ 0.8), `predict_logits` images/s on 128 images (fp32 as eval/fitting.py
   runs it, and under bf16 autocast), peak memory; benchmarks/prompt_cost.py does the timing.
-- `prompt_learning_step_ratio`: folded into `prompt_methods` (kept as a pointer).
 - `tta_batched_ratio`: skipped with a reason until the test-time-tuning (issue 11) methods exist.
 """
 from __future__ import annotations
@@ -164,9 +163,6 @@ def run(dry_run: bool, device: torch.device) -> dict:
         "extraction": lambda: extraction(device, **SIZES["extraction"][pick]),
         "tipx_search": lambda: tipx_search(device, **SIZES["tipx_search"][pick]),
         "prompt_methods": lambda: prompt_methods(device, **SIZES["prompt_methods"][pick]),
-        "prompt_learning_step_ratio": lambda: skipped(
-            "no separate part any more: the training-step / bare forward+backward ratio of "
-            "each prompt method is in `prompt_methods` (ratio, min_ratio)"),
         "tta_batched_ratio": lambda: skipped(
             "no test-time tuning yet (issue 11): batched vs reference-loop TPT/PromptSync "
             "per-image time is measured once they exist"),

@@ -31,8 +31,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "error" not in tx, tx
     assert tx["grid"] == [20, 200, 50] and tx["points"] == 200_000
     assert 0.0 < tx["acc1"] <= 100.0 and len(tx["pick"]) == 3
-    for part in ("prompt_learning_step_ratio", "tta_batched_ratio"):
-        assert d[part]["skipped"].startswith("no ")
+    assert d["tta_batched_ratio"]["skipped"].startswith("no ")
+    pm = d["prompt_methods"]
+    assert set(pm["methods"]) == {"coop", "cocoop", "vpt", "maple", "apex"}
+    for name, r in pm["methods"].items():
+        assert "error" not in r and r["ratio"] > 0, (name, r)
+    assert pm["min_ratio"] == min(r["ratio"] for r in pm["methods"].values())
 
 
 def test_gpu_check_refuses_a_full_run_without_cuda():
