@@ -271,7 +271,7 @@ def oracle(a) -> None:
     from anyclass.backbones.factory import create_backbone
     from anyclass.data.fewshot import sample_few_shot
     from anyclass.data.sources import load_dataset
-    from anyclass.eval import runner
+    from anyclass.eval import featuresets, runner
     from anyclass.features.extract import extract_features
     from anyclass.methods import create_method
     from anyclass.methods.classifier import build_text_classifier
@@ -288,9 +288,9 @@ def oracle(a) -> None:
                 test = load_dataset(ds, "test")
                 full = load_dataset(ds, "train")
                 idx = sample_few_shot(full, 16, 1).meta["source_indices"]
-                train = runner._augmented_train(bb, full, idx, 10, "flip_crop", ext)
-                val = runner._featureset(extract_features(bb, load_dataset(ds, "val"), **ext))
-                te = runner._featureset(extract_features(bb, test, **ext))
+                train = featuresets.augmented_train(bb, full, idx, 10, "flip_crop", ext)
+                val = featuresets.featureset(extract_features(bb, load_dataset(ds, "val"), **ext))
+                te = featuresets.featureset(extract_features(bb, test, **ext))
             W = build_text_classifier(bb, test.classnames, ["a photo of a {}."])
             row = {}
             for m in ("tip-adapter", "tip-adapter-f", "tip-x"):

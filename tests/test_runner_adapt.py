@@ -14,7 +14,7 @@ from PIL import Image
 import anyclass.support as support_pkg
 from anyclass.data.sources import load_dataset
 from anyclass.errors import AnyclassError
-from anyclass.eval import runner
+from anyclass.eval import featuresets, runner
 from anyclass.eval.runner import EvalConfig, run_eval, write_json
 from anyclass.features.extract import extract_features
 
@@ -75,7 +75,7 @@ def test_augmented_cache_is_the_renormalised_mean_of_the_passes(tmp_path):
     spec = _folder_dataset(tmp_path / "d", ["red", "green", "blue", "yellow"])
     full = load_dataset(spec, "train")
     idx = [0, 5, 9, 14]
-    fs = runner._augmented_train(bb, full, idx, 3, "flip_crop",
+    fs = featuresets.augmented_train(bb, full, idx, 3, "flip_crop",
                                  {"batch_size": 8, "progress": False})
     sample = full.subset(idx)
     # independently: extract each image's passes from a dataset in sorted-path order

@@ -24,8 +24,9 @@ from ..data.sources import load_dataset
 from ..data.templates import get_templates
 from ..errors import AnyclassError, SpecError
 from ..features.extract import extract_features
-from ..methods import METHODS, FeatureSet, create_method
+from ..methods import METHODS, create_method
 from ..methods.classifier import build_text_classifier
+from .featuresets import augmented_train, featureset
 from .metrics import classification_metrics
 
 #: method hyperparameters set from the protocol when the user did not set them
@@ -62,13 +63,6 @@ def _split(dataset: str, split: str, classes: list[int] | None, required: bool =
     return subset_classes(ds, classes) if classes is not None else ds
 
 
-def _featureset(feats, classnames: list[str]) -> FeatureSet:
-    valid = np.asarray(feats.valid, dtype=bool)
-    return FeatureSet(torch.from_numpy(np.array(feats.features[valid], dtype=np.float32)),
-                      torch.from_numpy(np.asarray(feats.labels)[valid].astype(np.int64)),
-                      classnames=classnames)
-
-
 @dataclass
 class Fitted:
     """A method fitted on `train_classnames`; `evaluate` scores any dataset split."""
@@ -96,7 +90,7 @@ class Fitted:
             if names != self.train_classnames:           # class-agnostic (zero-shot): refit
                 W = build_text_classifier(self.backbone, names, _templates(self.templates, test))
                 est.fit(W)
-            ts = _featureset(extract_features(self.backbone, test, progress=progress), names)
+            ts = featureset(extract_features(self.backbone, test, progress=progress), names)
             with torch.no_grad():
                 logits = est.predict_logits(ts.features.to(self.backbone.device)).cpu()
             labels = ts.labels
@@ -167,15 +161,14 @@ def fit_on(method: str, backbone, dataset: str, *, shots: int, seed: int,
         idx = train.meta["source_indices"]
         passes = int(params.get("augment_passes") or 0)
         if passes > 0:                     # Tip-Adapter's cache: averaged augmented passes
-            from .runner import _augmented_train
-            tr = _augmented_train(backbone, full, idx, passes, "flip_crop",
+            tr = augmented_train(backbone, full, idx, passes, "flip_crop",
                                   dict(progress=progress))
         else:
-            tr = _featureset(extract_features(backbone, full, progress=progress).subset(idx),
+            tr = featureset(extract_features(backbone, full, progress=progress).subset(idx),
                              names)
         va = None
         if val is not None and len(val):
-            va = _featureset(extract_features(backbone, val, progress=progress), names)
+            va = featureset(extract_features(backbone, val, progress=progress), names)
         if "logit_scale" in params and "logit_scale" not in hparams:
             est.set_params(logit_scale=float(backbone.logit_scale))
         W = build_text_classifier(backbone, names, _templates(templates, full))

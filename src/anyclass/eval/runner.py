@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import __version__
@@ -21,6 +20,7 @@ from ..errors import AnyclassError
 from ..features.extract import extract_features
 from ..methods import FeatureSet, create_method
 from ..methods.classifier import build_text_classifier
+from .featuresets import augmented_train, featureset
 from .metrics import classification_metrics
 
 
@@ -49,46 +49,6 @@ class EvalConfig:
     save_prompts: str | None = None  # methods learning inside the backbone: learned-state file
 
 
-#: train splits up to this size are extracted whole per augmented pass (one cache entry per
-#: pass, shared by every shots/seed); larger ones only their few-shot sample (ImageNet-size
-#: train splits would otherwise cost 10 full extractions).
-AUG_FULL_SPLIT_MAX = 50_000
-
-
-def _featureset(feats, classnames: list[str] | None = None) -> FeatureSet:
-    """Valid rows only (unreadable images were warned about and are not scored)."""
-    valid = np.asarray(feats.valid, dtype=bool)
-    return FeatureSet(torch.from_numpy(np.array(feats.features[valid], dtype=np.float32)),
-                      torch.from_numpy(np.asarray(feats.labels)[valid].astype(np.int64)),
-                      classnames=classnames)
-
-
-def _augmented_train(backbone, full, idx: list[int], passes: int, augment: str,
-                     ext: dict) -> FeatureSet:
-    """Tip-Adapter's cache keys: the sample's features over `passes` seeded augmented
-    passes, averaged and re-normalised; the passes are kept as `views`. An image unreadable
-    in any pass is dropped (it was warned about)."""
-    # canonical row order (sorted paths): the augmentation of an image is seeded by its row,
-    # so it must not depend on class order or listing order
-    whole = len(full) <= AUG_FULL_SPLIT_MAX
-    rows_of = np.asarray(idx if not whole else range(len(full)), dtype=np.int64)
-    order = rows_of[np.argsort(np.asarray([full.paths[i] for i in rows_of], dtype=object),
-                               kind="stable")]
-    canon = full.subset(order.tolist())
-    pos = np.empty(len(full), dtype=np.int64)
-    pos[order] = np.arange(len(order))
-    rows = pos[np.asarray(idx, dtype=np.int64)].tolist()
-    per = [extract_features(backbone, canon, augment=augment, aug_pass=p, **ext).subset(rows)
-           for p in range(passes)]
-    valid = np.logical_and.reduce([np.asarray(x.valid, dtype=bool) for x in per])
-    views = torch.stack([torch.from_numpy(np.array(x.features[valid], dtype=np.float32))
-                         for x in per])                               # [P, N, D]
-    mean = views.mean(0)
-    feats = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    labels = torch.from_numpy(np.asarray(per[0].labels)[valid].astype(np.int64))
-    return FeatureSet(feats, labels, views, list(full.classnames))
-
-
 def _support_set(cfg: EvalConfig, backbone, classnames: list[str], desc, ext: dict,
                  progress: bool) -> tuple[FeatureSet, dict]:
     """SuS: a support set built from the class names only (anyclass.support), as `train`."""
@@ -102,7 +62,7 @@ def _support_set(cfg: EvalConfig, backbone, classnames: list[str], desc, ext: di
     if list(sus.dataset.classnames) != list(classnames):
         raise AnyclassError(f"support set {sus.root} has classes in another order or other "
                             f"classes than the task")
-    support = _featureset(extract_features(backbone, sus.dataset, **ext), list(classnames))
+    support = featureset(extract_features(backbone, sus.dataset, **ext), list(classnames))
     info = {"root": str(sus.root), "pool": pool, "strategy": cfg.support_strategy,
             "prompts": cfg.support_prompts, "per_class": cfg.support_per_class,
             "counts": dict(sus.counts), "images": len(support)}
@@ -164,16 +124,16 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
         fs = sample_few_shot(full, cfg.shots, cfg.seed)
         idx = fs.meta["source_indices"]
         if passes > 0 and method.needs_train:
-            train = _augmented_train(backbone, full, idx, passes, cfg.augment, ext)
+            train = augmented_train(backbone, full, idx, passes, cfg.augment, ext)
         else:
-            train = _featureset(extract_features(backbone, full, **ext).subset(idx),
+            train = featureset(extract_features(backbone, full, **ext).subset(idx),
                                 list(full.classnames))
         try:
             val_ds = load_dataset(cfg.dataset, "val")
         except AnyclassError:
             val_ds = None
         if val_ds is not None and len(val_ds):
-            val = _featureset(extract_features(backbone, val_ds, **ext), list(val_ds.classnames))
+            val = featureset(extract_features(backbone, val_ds, **ext), list(val_ds.classnames))
     t_feat = time.perf_counter() - t_feat
 
     W = build_text_classifier(backbone, test.classnames, templates, desc,
@@ -183,7 +143,7 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
     t_fit = time.perf_counter()
     method.fit(W, train=train, val=val)
     t_fit = time.perf_counter() - t_fit
-    ts = _featureset(test_f)
+    ts = featureset(test_f)
     with torch.no_grad():
         logits = method.predict_logits(ts.features.to(W.device))
     metrics = classification_metrics(logits.cpu(), ts.labels)

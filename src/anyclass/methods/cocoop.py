@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import METHODS
-from .prompt_parts import context_template, cosine_logits, image_features, init_context, texts_for
+from .prompt_parts import context_template, image_features, init_context, texts_for
 from .prompted import PromptMethod
 
 #: at most this many texts per text-encoder call when predicting
