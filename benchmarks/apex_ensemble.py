@@ -23,8 +23,10 @@ BETAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 def _state(task: str, seed: int, out: Path) -> Path:
     from anyclass.eval.protocols import expand, make_grid
+    from prompt_world import WORLD_SCHEDULE          # the b2n sweep's APEX hyperparameters
     cells = expand(make_grid(None, protocol="base2new", methods=["apex"], datasets=[task],
-                             seeds=[seed], shots=[16]))
+                             seeds=[seed], shots=[16],
+                             hparams={"apex": WORLD_SCHEDULE["b2n"]["apex"]}))
     return out / cells[0].state_relpath()
 
 
