@@ -257,7 +257,9 @@ def test_cell_records_and_base2new_metrics(tmp_path, calls):
     assert m["hm"] == pytest.approx(2 * b * n / (b + n))
     assert {"base_acc5", "new_acc5", "base_mean_per_class_recall"} <= set(m)
     assert rec["evaluation"]["base"]["classes"] == [f"class {i}" for i in base]
-    assert _fits(calls()) == [f"fit prompt world:fruit_veg 16 1 {base}"]
+    # base2new keeps the learned state (states/...), which analyses reuse
+    assert _fits(calls()) == ["train prompt world:fruit_veg 16 1"]
+    assert (tmp_path / c.state_relpath()).read_bytes() == b"state"
     for k in ("protocol", "method", "dataset", "backbone", "seed", "shots", "hparams",
               "train", "timings_s", "anyclass_version", "cell_key"):
         assert k in rec
