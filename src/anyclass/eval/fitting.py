@@ -185,8 +185,8 @@ def _fit_prompts(est, backbone, train: LabeledImages, val: LabeledImages | None,
     if state_path is not None and Path(state_path).exists():
         try:
             loaded = load_prompts(state_path, backbone, list(train.classnames))
-            if json.dumps(loaded.get_params(), default=str) == json.dumps(
-                    json.loads(json.dumps(est.get_params(), default=str)), default=str):
+            # tuples and lists dump alike, so the file's JSON round trip compares equal
+            if json.dumps(loaded.get_params(), default=str) == json.dumps(est.get_params(), default=str):
                 return loaded
             warnings.warn(f"{state_path} was learned with other hyperparameters; retraining",
                           stacklevel=3)
