@@ -39,7 +39,8 @@ WORLD_SCHEDULE = {
 WORLD_SCHEDULE["dg"] = WORLD_SCHEDULE["xd"]
 #: CoOp's random resized crop draws 8-100 % of the image; at the world's 64 px an 8 % crop
 #: is an 18-px corner of an emoji, upsampled: the loss on such crops starts at chance level
-#: (APEX on world:tools, base acc: 81.7 % at 0.08-1 vs 87.2 % at 0.5-1; VPT 63.1 vs 71.1).
+#: (benchmarks/prompt_probe.py, world:tools base acc: APEX 81.7 % at 0.08-1 vs 87.2 % at 0.5-1;
+#: VPT 63.1 vs 71.1).
 #: The world runs every prompt method with Tip-Adapter's crop range instead.
 WORLD_CROP = {"crop_scale": [0.5, 1.0]}
 PROMPT_METHODS = ("coop", "cocoop", "vpt", "maple", "apex")
