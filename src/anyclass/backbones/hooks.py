@@ -242,6 +242,27 @@ def deep_prompts(blocks: Sequence[nn.Module], prompts: list[torch.Tensor | None]
             h.remove()
 
 
+@contextmanager
+def capture_inputs(blocks: Sequence[nn.Module], n: int, batch_first: bool = True
+                   ) -> Iterator[list[torch.Tensor]]:
+    """While active, the token sequences entering blocks[:n] are appended (batch-first) to the
+    yielded list: the statistics PromptAlign aligns. Enter it after `deep_prompts`, so the
+    sequences include the prompt tokens the model really sees."""
+    got: list[torch.Tensor] = []
+
+    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs[next(k for k in _HIDDEN_KEYS if k in kwargs)]
+        got.append(x if batch_first else x.transpose(0, 1))
+
+    handles = [blocks[i].register_forward_pre_hook(pre, with_kwargs=True)
+               for i in range(min(n, len(blocks)))]
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def normalized(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise embeddings; half-precision results (autocast) come back as float32."""
     if x.dtype in (torch.float16, torch.bfloat16):

@@ -12,7 +12,7 @@ from .base import FeatureMethod, FeatureSet
 METHODS: Registry[FeatureMethod] = Registry("method")
 
 _MODULES = ["zeroshot", "tip_adapter", "tipx", "hub", "linear_probe", "coop", "cocoop", "vpt",
-            "maple", "apex"]
+            "maple", "apex", "tpt", "promptalign", "promptsync"]
 for _m in _MODULES:
     importlib.import_module(f"{__name__}.{_m}")
 

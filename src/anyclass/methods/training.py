@@ -83,29 +83,46 @@ def iter_batches(backbone, ds: LabeledImages, batch_size: int = 128, num_workers
     warn_skipped(bad, len(ds), stacklevel=3)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, scale: Sequence[float] = (0.08, 1.0),
-            ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
-    """CoOp's train augmentation on a preprocessed batch: a random resized crop back to the
-    input size and a horizontal flip with probability ½, all draws from `gen` (CPU)."""
-    from torchvision.ops import roi_align
-    b, _, h, w = x.shape
-    area = torch.empty(b, tries).uniform_(scale[0], scale[1], generator=gen) * (h * w)
-    logr = torch.empty(b, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+def crop_boxes(n: int, h: int, w: int, gen: torch.Generator, scale: Sequence[float] = (0.08, 1.0),
+               ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's RandomResizedCrop box draw (+ a flip coin) for `n` crops of an h×w image,
+    vectorised: boxes [n, 4] (x0, y0, x1, y1) and flips [n] bool, all draws from `gen` (CPU)."""
+    area = torch.empty(n, tries).uniform_(scale[0], scale[1], generator=gen) * (h * w)
+    logr = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
     cw, ch = (area * logr.exp()).sqrt(), (area / logr.exp()).sqrt()
     ok = (cw <= w) & (ch <= h)
     first = ok.int().argmax(1)
-    rows = torch.arange(b)
+    rows = torch.arange(n)
     cw, ch = cw[rows, first], ch[rows, first]
     none = ~ok.any(1)
     cw[none], ch[none] = float(w), float(h)                          # fallback: the whole image
-    u = torch.rand(b, 2, generator=gen)
+    u = torch.rand(n, 2, generator=gen)
     x0, y0 = u[:, 0] * (w - cw), u[:, 1] * (h - ch)
-    flip = torch.rand(b, generator=gen) < 0.5
-    boxes = torch.stack([rows.float(), x0, y0, x0 + cw, y0 + ch], 1).to(x.device, x.dtype)
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.stack([x0, y0, x0 + cw, y0 + ch], 1), flip
+
+
+def resized_crops(x: torch.Tensor, rows: torch.Tensor, boxes: torch.Tensor,
+                  flip: torch.Tensor) -> torch.Tensor:
+    """Crop boxes[i] of image x[rows[i]], resized back to x's size, flipped where flip[i]:
+    one batched roi_align on x's device."""
+    from torchvision.ops import roi_align
+    h, w = x.shape[-2:]
+    boxes = torch.cat([rows.float()[:, None], boxes], 1).to(x.device, x.dtype)
     # one bilinear sample at each output pixel's centre = a bilinear resize of the crop (the
     # crop is never larger than the input); more samples per bin would blur every image
     out = roi_align(x, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
     return torch.where(flip.to(x.device)[:, None, None, None], out.flip(-1), out)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, scale: Sequence[float] = (0.08, 1.0),
+            ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
+    """CoOp's train augmentation on a preprocessed batch: a random resized crop back to the
+    input size and a horizontal flip with probability ½, all draws from `gen` (CPU)."""
+    b, _, h, w = x.shape
+    boxes, flip = crop_boxes(b, h, w, gen, scale, ratio, tries)
+    return resized_crops(x, torch.arange(b), boxes, flip)
 
 
 # ------------------------------------------------------------------------------ optimiser
