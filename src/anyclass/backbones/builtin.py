@@ -163,13 +163,13 @@ class BuiltinCLIP:
 
     # ------------------------------------------------------------------------- extras
     def encode_images_with_layer_inputs(
-            self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None] | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Normalised embeddings and the token sequence [B, T, vision_width] entering each
-        block (for PromptAlign-style distribution alignment)."""
+            self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None] | None = None,
+            layers: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Normalised embeddings and the token sequence [B, T, vision_width] entering each of
+        the first `layers` blocks (all by default), for PromptAlign-style alignment."""
         ps = check_prompts(prompts, images.shape[0], self.vision_width, self.vision_layers)
         out, inputs = self.model.visual(images.to(self.device), ps, return_layer_inputs=True)
-        return torch.nn.functional.normalize(out, dim=-1), inputs
+        return torch.nn.functional.normalize(out, dim=-1), inputs[:layers]
 
     def source_layer_stats(self) -> dict[str, torch.Tensor] | None:
         """Mean/variance ([vision_layers, vision_width]) of each block's input tokens over the

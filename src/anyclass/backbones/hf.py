@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import AnyclassError, SpecError
 from .factory import BACKBONES
-from .hooks import (word_embeddings, logit_scale_and_bias, check_context, check_deep_context, check_prompts, chunks, context_starts,
+from .hooks import (word_embeddings, logit_scale_and_bias, capture_inputs, check_context, check_deep_context, check_prompts, chunks, context_starts,
                     deep_context, deep_prompts, freeze, normalized, placeholder_token_id, replace_token_embeddings)
 from .weights import state_dict_hash
 
@@ -237,6 +237,19 @@ class HFClipBackbone:
         n_prefix = 1 if self.model_type == "clip" else 0  # CLIP's class token; SigLIP has none
         with deep_prompts(self.model.vision_model.encoder.layers, ps, n_prefix=n_prefix):
             return self.encode_images(images)
+
+    def encode_images_with_layer_inputs(
+            self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None] | None = None,
+            layers: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Normalised embeddings and the tokens [B, T, width] entering the first `layers`
+        encoder layers (all by default), prompts included."""
+        blocks = self.model.vision_model.encoder.layers
+        ps = check_prompts(prompts, images.shape[0], self.vision_width, self.vision_layers)
+        n_prefix = 1 if self.model_type == "clip" else 0
+        with deep_prompts(blocks, ps, n_prefix=n_prefix), \
+                capture_inputs(blocks, len(blocks) if layers is None else layers) as got:
+            x = self.encode_images(images)
+        return x, got
 
     # -------------------------------------------------------------------------- internals
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:

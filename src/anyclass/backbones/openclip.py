@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import AnyclassError, SpecError
 from .factory import BACKBONES
-from .hooks import (word_embeddings, logit_scale_and_bias, HookUnsupportedError, check_context, check_deep_context, check_prompts,
+from .hooks import (word_embeddings, logit_scale_and_bias, HookUnsupportedError, capture_inputs, check_context, check_deep_context, check_prompts,
                     chunks, context_starts, deep_context, deep_prompts, freeze, normalized, placeholder_token_id,
                     replace_token_embeddings)
 from .weights import (SAFETENSORS_EXT, TORCH_EXT, file_sha256, load_state_dict, state_dict_hash,
@@ -272,6 +272,20 @@ class OpenClipBackbone:
                           batch_first=getattr(vit.transformer, "batch_first", True)):
             x = self.model.encode_image(images.to(self.device, non_blocking=True))
         return normalized(x)
+
+    def encode_images_with_layer_inputs(
+            self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None] | None = None,
+            layers: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Normalised embeddings and the tokens [B, T, width] entering the first `layers`
+        blocks (all by default), prompts included."""
+        vit = self._vit(required=True)
+        blocks = vit.transformer.resblocks
+        bf = getattr(vit.transformer, "batch_first", True)
+        ps = check_prompts(prompts, images.shape[0], self.vision_width, self.vision_layers)
+        with deep_prompts(blocks, ps, n_prefix=1, batch_first=bf), \
+                capture_inputs(blocks, len(blocks) if layers is None else layers, bf) as got:
+            x = self.model.encode_image(images.to(self.device, non_blocking=True))
+        return normalized(x), got
 
     # -------------------------------------------------------------------------- internals
     def _token_embedding(self, required: bool) -> nn.Module | None:
