@@ -56,9 +56,13 @@ def cmd_classify(a) -> int:
 
 def cmd_eval(a) -> int:
     from ..eval.runner import EvalConfig, run_eval, write_json
+    hparams = _hparams(a.hparam)
+    for flag, key in ((a.init, "init"), (a.tta_stats, "stats")):   # test-time tuning
+        if flag is not None:
+            hparams[key] = flag
     cfg = EvalConfig(dataset=a.dataset, backbone=a.backbone, method=a.method,
                      templates=a.templates, cupl=a.cupl, cupl_mode=a.cupl_mode, shots=a.shots,
-                     seed=a.seed, split=a.split, hparams=_hparams(a.hparam),
+                     seed=a.seed, split=a.split, hparams=hparams,
                      batch_size=a.batch_size, num_workers=a.workers, device=a.device,
                      pool=a.pool, support_per_class=a.support_per_class,
                      support_strategy=a.support_strategy, support_prompts=a.support_prompts,
@@ -182,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-prompts", metavar="PATH",
                    help="prompt-learning methods: write the learned state (.safetensors) there "
                    "(reused if it exists); `classify --prompts PATH` applies it")
+    e.add_argument("--init", metavar="PROMPTS", help="test-time tuning (tpt, promptalign, "
+                   "promptsync): start from this CoOp/MaPLe prompt file (world: a cached "
+                   "source-trained MaPLe by default for promptalign/promptsync)")
+    e.add_argument("--tta-stats", metavar="FILE", help="promptalign/promptsync: source statistics "
+                   "from `anyclass tta stats` (world: computed and cached by default)")
     e.add_argument("--pool", help="support-set methods (sus-x): image pool spec, folder:DIR, "
                    "list:FILE, wds:SHARDS or world:pool (default for world: datasets)")
     e.add_argument("--support-per-class", type=int, default=16)
@@ -241,9 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     # command groups that live in their own modules (each has add_parser(sub))
-    from . import hub, support
+    from . import hub, support, tta
     support.add_parser(sub)
     hub.add_parser(sub)
+    tta.add_parser(sub)
     return p
 
 

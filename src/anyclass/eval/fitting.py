@@ -39,9 +39,11 @@ def check_method(method: str, hparams: dict | None = None) -> None:
         est = create_method(method, **(hparams or {}))
     except (TypeError, ValueError) as e:
         raise SpecError(f"method {method!r}: {e}") from None
-    if getattr(est, "needs_support", False) or getattr(est, "image_level", False):
+    if getattr(est, "needs_support", False) or getattr(est, "image_level", False) \
+            or getattr(est, "tunes_at_test", False):
         raise SpecError(f"method {method!r} is not fitted on a train split (it builds its own "
-                        f"support set or runs its own models): run it with `anyclass eval`")
+                        f"support set, runs its own models or tunes on each test image): run "
+                        f"it with `anyclass eval`")
 
 
 def method_transfers(method: str) -> bool:

@@ -95,6 +95,9 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
         raise AnyclassError(f"method {cfg.method!r} needs labelled shots: pass --shots K")
     if getattr(method, "learns_in_backbone", False):  # trains on images (prompt learning)
         return _run_fitted(cfg, backbone, progress, t0)
+    if getattr(method, "tunes_at_test", False):       # tunes on each test image (TPT ...)
+        from .tta import run_tta_eval
+        return run_tta_eval(cfg, method, backbone, progress)
     if getattr(method, "needs_support", False):
         _check_support_source(cfg)
     test = load_dataset(cfg.dataset, cfg.split)

@@ -1,0 +1,159 @@
+"""Evaluation of test-time methods (TPT, PromptAlign, PromptSync): same result keys as
+runner.run_eval, plus what tuning did (images that fell back, untuned accuracy, per-image time).
+
+On the offline world the methods need no flags: a method that tunes MaPLe's prompts and is
+given none starts from MaPLe trained on `world:source` (16 shots, built on first use and
+cached), and one that aligns statistics and is given none gets them computed once and cached:
+from `world:source` when it has every class of the task, else from images of the task's class
+names retrieved from the world's pool (a SuS-style proxy source).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data.sources import load_dataset
+from ..errors import AnyclassError
+from .metrics import classification_metrics
+
+#: MaPLe as PromptAlign starts from it (2 context words "a photo", depth 3, 2 epochs on the
+#: ImageNet-like source), with the world's departures of the cross-dataset protocol (bigger
+#: steps with a linearly scaled lr, bfloat16, 0.5–1 crops: docs/benchmarks.md)
+WORLD_SOURCE = "world:source"
+WORLD_MAPLE = dict(depth=3, epochs=2, batch_size=32, lr=0.0035 * 8, amp=True, crop_scale=[0.5, 1.0])
+WORLD_SHOTS = 16
+
+
+def _home() -> Path:
+    import os
+    return Path(os.environ.get("ANYCLASS_HOME", "~/.cache/anyclass")).expanduser() / "tta"
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in s)
+
+
+def world_source_prompts(backbone, seed: int = 1, recipe: dict | None = None,
+                         progress: bool = True) -> Path:
+    """MaPLe trained on world:source (cached per backbone, seed and recipe)."""
+    from .fitting import fit_on
+    recipe = dict(WORLD_MAPLE if recipe is None else recipe)
+    key = hashlib.sha256(json.dumps([backbone.weights_hash, seed, recipe, WORLD_SHOTS],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    path = _home() / _slug(backbone.identity) / f"maple-source-s{seed}-{key}.safetensors"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fit_on("maple", backbone, WORLD_SOURCE, shots=WORLD_SHOTS, seed=seed, hparams=recipe,
+               state_path=path, progress=progress)
+    return path
+
+
+def stats_path_for(backbone, init, classnames: list[str], layers: int, pool: str | None = None
+                   ) -> Path:
+    key = hashlib.sha256(json.dumps([init.key, layers, pool, classnames if pool else None])
+                         .encode()).hexdigest()[:12]
+    return _home() / _slug(backbone.identity) / f"stats-{key}.safetensors"
+
+
+def ensure_stats(backbone, init, classnames: list[str], layers: int, source: str | None = None,
+                 pool: str | None = None, per_class: int = 16, seed: int = 1,
+                 out: str | Path | None = None, progress: bool = True) -> Path:
+    """Statistics of a labelled `source` dataset, or of a proxy source retrieved from `pool`
+    for `classnames` (cached unless `out`)."""
+    from ..methods.tta_stats import compute_stats
+    path = Path(out) if out else stats_path_for(backbone, init, classnames if pool else [],
+                                                 layers, pool or source)
+    if out is None and path.exists():
+        return path
+    if pool is not None:
+        from ..support import build_support
+        sus = build_support(backbone, classnames, pool=pool, per_class=per_class, seed=seed,
+                            progress=progress)
+        ds, desc = sus.dataset, f"{pool} (retrieved for {len(classnames)} classes)"
+    else:
+        ds, desc = load_dataset(source, "train"), source
+    compute_stats(backbone, init, ds, layers, desc, progress=progress).save(path)
+    return path
+
+
+def world_defaults(method, dataset: str, backbone, classnames: list[str], seed: int,
+                   progress: bool = True) -> None:
+    """Fill in `init` / `stats` for a world dataset (module docstring)."""
+    from ..methods.tta import prompt_init
+    if not dataset.startswith("world:"):
+        return
+    if method.tunes_vision and method.init is None:
+        method.init = str(world_source_prompts(backbone, seed, progress=progress))
+    if "stats" in method.get_params() and method.stats is None:
+        init = prompt_init(backbone, method.init)
+        source_names = set(load_dataset(WORLD_SOURCE, "train").classnames)
+        if all(c in source_names for c in classnames):
+            method.stats = str(ensure_stats(backbone, init, classnames, method.layers,
+                                            source=WORLD_SOURCE, progress=progress))
+        else:
+            method.stats = str(ensure_stats(backbone, init, classnames, method.layers,
+                                            pool="world:pool", seed=seed, progress=progress))
+
+
+def tta_predict(method, backbone, ds, progress: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tuned logits, untuned logits, failed flags and row indices over the readable images of
+    `ds` (unreadable ones are warned about and skipped)."""
+    from ..methods.training import iter_batches
+    per = method.images_per_batch(len(ds.classnames))
+    out, rows = [], []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(ds), desc=f"{type(method).__name__} {ds.name}", unit="img", leave=False)
+    for x, idx in iter_batches(backbone, ds, batch_size=per, progress=False):
+        out.append(method.predict(backbone, x))
+        rows.append(idx)
+        if bar is not None:
+            bar.update(len(idx))
+            bar.set_postfix(failed=int(sum(int(r.failed.sum()) for r in out)))
+    if bar is not None:
+        bar.close()
+    if not out:
+        raise AnyclassError(f"{ds.name}: no readable image")
+    from ..methods.tta import TuneResult
+    r = TuneResult.cat(out)
+    return r.logits, r.untuned, r.failed, torch.cat(rows)
+
+
+def run_tta_eval(cfg, method, backbone=None, progress: bool = True) -> dict:
+    from ..backbones.factory import create_backbone
+    t0 = time.perf_counter()
+    test = load_dataset(cfg.dataset, cfg.split)
+    if len(test) == 0:
+        raise AnyclassError(f"dataset {cfg.dataset!r} has no images in split {cfg.split!r}")
+    if "seed" not in cfg.hparams:
+        method.set_params(seed=cfg.seed)
+    backbone = backbone or create_backbone(cfg.backbone, cfg.device)
+    names = list(test.classnames)
+    world_defaults(method, cfg.dataset, backbone, names, cfg.seed, progress)
+    method.prepare(backbone, names)
+    t_tune = time.perf_counter()
+    logits, untuned, failed, idx = tta_predict(method, backbone, test, progress)
+    t_tune = time.perf_counter() - t_tune
+    labels = torch.as_tensor(np.asarray(test.labels, dtype=np.int64))[idx]
+    return {
+        "dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method,
+        "shots": 0, "seed": cfg.seed, "metrics": classification_metrics(logits, labels),
+        "split": cfg.split, "templates": "single", "cupl": None,
+        "hparams": method.get_params(), "num_classes": len(names), "num_images": int(len(labels)),
+        "skipped_images": int(len(test) - len(labels)), "chance_acc1": 1.0 / len(names),
+        "tta": {"failed_images": int(failed.sum()),
+                "untuned_metrics": classification_metrics(untuned, labels),
+                "changed_predictions": int((logits.argmax(1) != untuned.argmax(1)).sum()),
+                "seconds_per_image": round(t_tune / max(1, len(labels)), 5),
+                "init": method.init, "stats": getattr(method, "stats", None)},
+        "backbone_identity": backbone.identity, "anyclass_version": __version__,
+        "timings_s": {"tune": round(t_tune, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
