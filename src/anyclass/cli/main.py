@@ -250,10 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     # command groups that live in their own modules (each has add_parser(sub))
-    from . import hub, support, tta
+    from . import hub, serve, support, tta
     support.add_parser(sub)
     hub.add_parser(sub)
     tta.add_parser(sub)
+    serve.add_parser(sub)
     return p
 
 
