@@ -31,7 +31,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "error" not in tx, tx
     assert tx["grid"] == [20, 200, 50] and tx["points"] == 200_000
     assert 0.0 < tx["acc1"] <= 100.0 and len(tx["pick"]) == 3
-    assert d["tta_batched_ratio"]["skipped"].startswith("no ")
+    tt = d["tta_batched_ratio"]
+    assert "error" not in tt, tt
+    assert set(tt["methods"]) == {"tpt", "promptalign", "promptsync"} and tt["views"] == 10
+    for name, r in tt["methods"].items():
+        assert r["same_predictions"] and r["ratio"] > 0 and r["batched_s_per_image"] > 0, (name, r)
+    assert tt["min_ratio"] == min(r["ratio"] for r in tt["methods"].values())
     pm = d["prompt_methods"]
     assert set(pm["methods"]) == {"coop", "cocoop", "vpt", "maple", "apex"}
     for name, r in pm["methods"].items():

@@ -127,6 +127,23 @@ def tta_predict(method, backbone, ds, progress: bool = True
     return r.logits, r.untuned, r.failed, torch.cat(rows)
 
 
+def evaluate_tta(method, backbone, test, progress: bool = True) -> dict:
+    """Tune and score every readable image of `test` (LabeledImages) with a prepared method:
+    metrics, what tuning did, and timings."""
+    t0 = time.perf_counter()
+    logits, untuned, failed, idx = tta_predict(method, backbone, test, progress)
+    t_tune = time.perf_counter() - t0
+    labels = torch.as_tensor(np.asarray(test.labels, dtype=np.int64))[idx]
+    return {"metrics": classification_metrics(logits, labels), "num_images": int(len(labels)),
+            "skipped_images": int(len(test) - len(labels)),
+            "tta": {"failed_images": int(failed.sum()),
+                    "untuned_metrics": classification_metrics(untuned, labels),
+                    "changed_predictions": int((logits.argmax(1) != untuned.argmax(1)).sum()),
+                    "seconds_per_image": round(t_tune / max(1, len(labels)), 5),
+                    "init": method.init, "stats": getattr(method, "stats", None)},
+            "tune_seconds": round(t_tune, 3)}
+
+
 def run_tta_eval(cfg, method, backbone=None, progress: bool = True) -> dict:
     from ..backbones.factory import create_backbone
     t0 = time.perf_counter()
@@ -139,21 +156,13 @@ def run_tta_eval(cfg, method, backbone=None, progress: bool = True) -> dict:
     names = list(test.classnames)
     world_defaults(method, cfg.dataset, backbone, names, cfg.seed, progress)
     method.prepare(backbone, names)
-    t_tune = time.perf_counter()
-    logits, untuned, failed, idx = tta_predict(method, backbone, test, progress)
-    t_tune = time.perf_counter() - t_tune
-    labels = torch.as_tensor(np.asarray(test.labels, dtype=np.int64))[idx]
+    r = evaluate_tta(method, backbone, test, progress)
     return {
         "dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method,
-        "shots": 0, "seed": cfg.seed, "metrics": classification_metrics(logits, labels),
-        "split": cfg.split, "templates": "single", "cupl": None,
-        "hparams": method.get_params(), "num_classes": len(names), "num_images": int(len(labels)),
-        "skipped_images": int(len(test) - len(labels)), "chance_acc1": 1.0 / len(names),
-        "tta": {"failed_images": int(failed.sum()),
-                "untuned_metrics": classification_metrics(untuned, labels),
-                "changed_predictions": int((logits.argmax(1) != untuned.argmax(1)).sum()),
-                "seconds_per_image": round(t_tune / max(1, len(labels)), 5),
-                "init": method.init, "stats": getattr(method, "stats", None)},
+        "shots": 0, "seed": cfg.seed, "metrics": r["metrics"], "split": cfg.split,
+        "templates": "single", "cupl": None, "hparams": method.get_params(),
+        "num_classes": len(names), "num_images": r["num_images"],
+        "skipped_images": r["skipped_images"], "chance_acc1": 1.0 / len(names), "tta": r["tta"],
         "backbone_identity": backbone.identity, "anyclass_version": __version__,
-        "timings_s": {"tune": round(t_tune, 3), "total": round(time.perf_counter() - t0, 3)},
+        "timings_s": {"tune": r["tune_seconds"], "total": round(time.perf_counter() - t0, 3)},
     }

@@ -315,8 +315,8 @@ class TestTimeMethod(FeatureMethod):
         from .training import _autocast
         init, names, dev = self.init_, self.classnames_, backbone.device
         x = x.to(dev)
-        b, v = x.shape[0], self.n_views
-        views = self._views(backbone, x)                                    # [B, V, 3, H, W]
+        b, v = x.shape[0], self.n_views if self.steps else 1    # no step: no view needed
+        views = self._views(backbone, x) if self.steps else x[:, None]      # [B, V, 3, H, W]
         flat = views.flatten(0, 1)
         p = batched_params(init, b, dev, text=True, vision=self.tunes_vision)
         tuned = [t for t in p.values() if t.requires_grad]
@@ -335,7 +335,7 @@ class TestTimeMethod(FeatureMethod):
                 if step == 0:
                     with torch.no_grad():
                         logits_all = s * torch.einsum("bvd,bkd->bvk", f_all, t) + bias
-                        sel = confident(logits_all, self.ratio)
+                        sel = confident(logits_all, self.ratio) if self.steps else None
                         untuned = logits_all[:, 0].float().clone()
                 if self.steps == 0:
                     break

@@ -1,0 +1,226 @@
+"""Test-time tuning on the offline world (issue 11): the tables of docs/benchmarks.md.
+
+    python benchmarks/tta_world.py dg       --seeds 1,2,3 [--per-class 1]
+    python benchmarks/tta_world.py ablation --seeds 1
+    python benchmarks/tta_world.py xd       --seeds 1 [--per-class 1]
+    python benchmarks/tta_world.py b2n      --seeds 1 [--per-class 2]
+    python benchmarks/tta_world.py report
+
+dg: prompts trained on `world:source` (colour, 16 shots: CoOp and MaPLe as PromptAlign starts
+from it, eval/tta.py WORLD_MAPLE), tested on its shifted domains (sketch, rendition, v2,
+adversarial): zero-shot, TPT, CoOp, CoOp+TPT, MaPLe, MaPLe+TPT, PromptAlign, PromptSync.
+xd: the same source prompts on every other world task. b2n: MaPLe trained on the base classes
+of each task (the issue-10 sweep's states), tuned on base and new test images. ablation:
+PromptSync without class-aware weighting, without L_disc, with 3 steps, and PromptAlign with
+β = 0 (entropy only, all prompts tuned), on the DG domains.
+
+Every non-tuned row runs through the same engine with steps = 0 (the method's prediction
+with θ_0), so rows differ only in what they tune. Test sets are a seeded subsample of
+`--per-class` images per class (the world's 318 source classes make every tuned image cost
+318 text forward+backward passes; on 2 CPU cores the full 6,360-image domains are GPU work).
+One JSON per (table, method, dataset, seed) under --out; a rerun skips finished ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+SOURCE = "world:source"
+SHOTS = 16
+#: CoOp on world:source: the cross-dataset schedule of benchmarks/prompt_world.py
+COOP = dict(epochs=5, amp=True, crop_scale=[0.5, 1.0])
+#: row -> (method, starting prompts, hyperparameters); "coop"/"maple" = the source-trained files
+DG_ROWS = {
+    "zeroshot": ("tpt", None, dict(steps=0)),
+    "tpt": ("tpt", None, {}),
+    "coop": ("tpt", "coop", dict(steps=0)),
+    "coop+tpt": ("tpt", "coop", {}),
+    "maple": ("tpt", "maple", dict(steps=0)),
+    "maple+tpt": ("tpt", "maple", {}),
+    "promptalign": ("promptalign", "maple", {}),
+    "promptsync": ("promptsync", "maple", {}),
+}
+ABLATION_ROWS = {
+    "promptsync": ("promptsync", "maple", {}),
+    "promptsync -class-aware": ("promptsync", "maple", dict(class_aware=False)),
+    "promptsync -disc": ("promptsync", "maple", dict(disc=0.0)),
+    "promptsync 3 steps": ("promptsync", "maple", dict(steps=3)),
+    "promptalign": ("promptalign", "maple", {}),
+    "promptalign beta=0": ("promptalign", "maple", dict(beta=0.0)),
+}
+#: PromptAlign's cross-dataset learning rate (5e-4 instead of DG's 4e-2)
+XD_ROWS = {"zeroshot": DG_ROWS["zeroshot"], "maple": DG_ROWS["maple"],
+           "maple+tpt": DG_ROWS["maple+tpt"],
+           "promptalign": ("promptalign", "maple", dict(lr=5e-4)),
+           "promptsync": ("promptsync", "maple", dict(lr=5e-4))}
+B2N_ROWS = {"maple": DG_ROWS["maple"], "promptalign": ("promptalign", "maple", dict(lr=5e-4)),
+            "promptsync": ("promptsync", "maple", dict(lr=5e-4))}
+
+
+def subsample(ds, per_class: int, seed: int):
+    """The first `per_class` images of each class after a seeded shuffle."""
+    import numpy as np
+    rs = np.random.RandomState(seed)
+    order = rs.permutation(len(ds))
+    seen: dict[int, int] = {}
+    keep = []
+    for i in order:
+        c = int(ds.labels[i])
+        if seen.get(c, 0) < per_class:
+            seen[c] = seen.get(c, 0) + 1
+            keep.append(int(i))
+    return ds.subset(sorted(keep))
+
+
+class World:
+    """The backbone, the source-trained prompt files and statistics, shared by the rows."""
+
+    def __init__(self, out: Path) -> None:
+        from anyclass.backbones.factory import create_backbone
+        self.bb = create_backbone("builtin")
+        self.out = out
+        self._files: dict = {}
+
+    def prompts(self, kind: str | None, seed: int) -> str | None:
+        from anyclass.eval.fitting import fit_on
+        from anyclass.eval.tta import world_source_prompts
+        if kind is None:
+            return None
+        if (kind, seed) not in self._files:
+            if kind == "maple":
+                path = world_source_prompts(self.bb, seed)
+            else:
+                path = self.out / "states" / f"coop-source-s{seed}.safetensors"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if not path.exists():
+                    fit_on("coop", self.bb, SOURCE, shots=SHOTS, seed=seed, hparams=COOP,
+                           state_path=path)
+            self._files[(kind, seed)] = str(path)
+        return self._files[(kind, seed)]
+
+    def run(self, table: str, row: str, spec: tuple, dataset: str, seed: int, per_class: int,
+            init_file: str | None = None, classes: list[int] | None = None,
+            split_name: str = "") -> dict:
+        """One cell: tune/score a seeded subsample of `dataset`'s test split (resumable)."""
+        from anyclass.data.fewshot import subset_classes
+        from anyclass.data.sources import load_dataset
+        from anyclass.eval.runner import write_json
+        from anyclass.eval.tta import evaluate_tta, world_defaults
+        from anyclass.methods import create_method
+        name, kind, hp = spec
+        slug = f"{row.replace(' ', '_')}/{dataset.replace(':', '-').replace('@', '_')}{split_name}-s{seed}.json"
+        path = self.out / table / slug
+        if path.exists():
+            return json.loads(path.read_text())
+        test = load_dataset(dataset, "test")
+        if classes is not None:
+            test = subset_classes(test, classes)
+        test = subsample(test, per_class, seed)
+        init = init_file if kind == "maple" and init_file else self.prompts(kind, seed)
+        m = create_method(name, init=init, seed=seed, **hp)
+        world_defaults(m, dataset, self.bb, list(test.classnames), seed)
+        m.prepare(self.bb, list(test.classnames))
+        t0 = time.perf_counter()
+        r = evaluate_tta(m, self.bb, test, progress=False)
+        res = {"table": table, "row": row, "method": name, "dataset": dataset + split_name,
+               "seed": seed, "per_class": per_class, "hparams": m.get_params(), **r,
+               "seconds": round(time.perf_counter() - t0, 2)}
+        write_json(res, path)
+        print(f"{table} {row:<26} {dataset + split_name:<32} s{seed}: acc1 "
+              f"{100 * r['metrics']['acc1']:6.2f}  ({r['tta']['seconds_per_image']:.3f} s/img, "
+              f"{r['tta']['failed_images']} failed)", flush=True)
+        return res
+
+
+def dg(w: World, rows: dict, seeds: list[int], per_class: int, table: str = "dg") -> None:
+    from anyclass.eval.protocols import shifted_domain_targets
+    for seed in seeds:
+        for row, spec in rows.items():
+            for d in shifted_domain_targets(SOURCE):
+                w.run(table, row, spec, d, seed, per_class)
+
+
+def xd(w: World, seeds: list[int], per_class: int) -> None:
+    from anyclass.eval.protocols import world_downstream_targets
+    for seed in seeds:
+        for row, spec in XD_ROWS.items():
+            for d in world_downstream_targets():
+                w.run("xd", row, spec, d, seed, per_class)
+
+
+def b2n(w: World, seeds: list[int], per_class: int, states: Path) -> None:
+    """MaPLe trained on each task's base classes by the issue-10 sweep (its state files)."""
+    from anyclass.data.fewshot import base_new_split
+    from anyclass.data.sources import load_dataset
+    from anyclass.eval.protocols import world_downstream_targets
+    for seed in seeds:
+        for d in world_downstream_targets():
+            slug = d.replace(":", "-")
+            found = sorted((states / "maple" / slug).glob(f"shots16-seed{seed}-*.safetensors"))
+            if not found:
+                print(f"b2n: no MaPLe state for {d} seed {seed} under {states}; skipped", flush=True)
+                continue
+            base, new = base_new_split(len(load_dataset(d, "test").classnames))
+            for row, spec in B2N_ROWS.items():
+                for part, classes in (("base", base), ("new", new)):
+                    w.run("b2n", row, spec, d, seed, per_class, str(found[-1]), classes, f"/{part}")
+
+
+def report(out: Path) -> None:
+    from collections import defaultdict
+    rows: dict = defaultdict(lambda: defaultdict(list))
+    for p in sorted(out.glob("*/*/*.json")):
+        r = json.loads(p.read_text())
+        rows[r["table"]][(r["row"], r["dataset"])].append(
+            (100 * r["metrics"]["acc1"], r["tta"]["seconds_per_image"], r["seed"]))
+    for table, cells in rows.items():
+        datasets = sorted({d for _, d in cells})
+        names = list(dict.fromkeys(r for r, _ in cells))
+        print(f"## {table}\n\n| row | " + " | ".join(d.split(":")[1] for d in datasets)
+              + " | mean | s/img | seeds |\n|---|" + "---|" * (len(datasets) + 3))
+        for n in names:
+            accs = [sum(a for a, _, _ in cells[(n, d)]) / len(cells[(n, d)]) if cells.get((n, d)) else None
+                    for d in datasets]
+            got = [a for a in accs if a is not None]
+            secs = [s for d in datasets for _, s, _ in cells.get((n, d), [])]
+            seeds = sorted({s for d in datasets for _, _, s in cells.get((n, d), [])})
+            print(f"| {n} | " + " | ".join("–" if a is None else f"{a:.2f}" for a in accs)
+                  + f" | {sum(got) / max(1, len(got)):.2f} | {sum(secs) / max(1, len(secs)):.3f} | "
+                  + ",".join(map(str, seeds)) + " |")
+        print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["dg", "ablation", "xd", "b2n", "report"])
+    ap.add_argument("--seeds", default="1")
+    ap.add_argument("--per-class", type=int, default=1)
+    ap.add_argument("--rows", help="comma-separated rows (default: the table's)")
+    ap.add_argument("--out", type=Path, default=Path("runs/tta-world"))
+    ap.add_argument("--states", type=Path, default=Path("runs/bench-prompt/states"),
+                    help="b2n: the issue-10 sweep's learned states")
+    a = ap.parse_args(argv)
+    if a.what == "report":
+        report(a.out)
+        return 0
+    seeds = [int(s) for s in a.seeds.split(",")]
+    w = World(a.out)
+    pick = (lambda rows: {k: v for k, v in rows.items() if not a.rows or k in a.rows.split(",")})
+    if a.what == "dg":
+        dg(w, pick(DG_ROWS), seeds, a.per_class)
+    elif a.what == "ablation":
+        dg(w, pick(ABLATION_ROWS), seeds, a.per_class, table="ablation")
+    elif a.what == "xd":
+        xd(w, seeds, a.per_class)
+    else:
+        b2n(w, seeds, a.per_class, a.states)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
