@@ -331,3 +331,29 @@ def test_a_test_image_that_fails_to_decode_is_skipped_and_counted(bb, animals, f
     with pytest.warns(UserWarning, match="broken.png"):
         logits, _, failed, idx = tta_predict(m, bb, mixed, progress=False)
     assert idx.tolist() == [0, 2, 3] and logits.shape[0] == 3 and not failed.any()
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(bb, animals, files, tmp_path):
+    from anyclass.eval.tta import tta_predict
+    ds = animals["test"].subset(range(0, 60, 10))
+    m = tuner("tpt", bb, animals["names"], files, batch_size=2)
+    whole = tta_predict(m, bb, ds, progress=False)
+    ckpt = tmp_path / "partial.safetensors"
+    real, calls = m.predict, []
+
+    def dies_on_third(backbone, x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(backbone, x)
+    m.predict = dies_on_third
+    with pytest.raises(KeyboardInterrupt):
+        tta_predict(m, bb, ds, progress=False, checkpoint=ckpt, every_s=0)
+    assert ckpt.exists()
+    calls.clear()
+    m.predict = lambda backbone, x: (calls.append(len(x)), real(backbone, x))[1]
+    again = tta_predict(m, bb, ds, progress=False, checkpoint=ckpt, every_s=0)
+    assert calls == [2]                                   # only the last 2 of 6 images
+    assert not ckpt.exists()
+    for a, b in zip(whole, again):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)

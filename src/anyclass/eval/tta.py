@@ -101,37 +101,99 @@ def world_defaults(method, dataset: str, backbone, classnames: list[str], seed: 
                                             pool="world:pool", seed=seed, progress=progress))
 
 
-def tta_predict(method, backbone, ds, progress: bool = True
+def run_key(method, backbone, ds) -> str:
+    """What a partial run's results depend on: method, θ_0, statistics, backbone, images."""
+    from ..hashing import file_sha256
+    stats = getattr(method, "stats", None)
+    parts = [method.get_params(), method.init_.key, file_sha256(stats) if stats else None,
+             backbone.identity, backbone.weights_hash, ds.paths, list(ds.classnames)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def _load_partial(path: Path | None, key: str) -> dict[str, torch.Tensor] | None:
+    if path is None or not path.exists():
+        return None
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+        return load_file(str(path))
+    except Exception:  # noqa: BLE001 — a damaged partial file is recomputed, not fatal
+        return None
+
+
+def _save_partial(path: Path, key: str, parts: list, rows: list) -> None:
+    from safetensors.torch import save_file
+
+    from ..locks import atomic_path
+    from ..methods.tta import TuneResult
+    r = TuneResult.cat(parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"logits": r.logits, "untuned": r.untuned, "failed": r.failed,
+                   "idx": torch.cat(rows)}, str(tmp), metadata={"key": key})
+
+
+def tta_predict(method, backbone, ds, progress: bool = True, checkpoint: str | Path | None = None,
+                every_s: float = 30.0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tuned logits, untuned logits, failed flags and row indices over the readable images of
-    `ds` (unreadable ones are warned about and skipped)."""
+    `ds` (unreadable ones are warned about and skipped). With `checkpoint`, the images done
+    so far are saved there (atomically, every `every_s` seconds) and a rerun of the same run
+    resumes after them; the file is removed when the run completes."""
     from ..methods.training import iter_batches
+    from ..methods.tta import TuneResult
+    ckpt = None if checkpoint is None else Path(checkpoint)
+    key = run_key(method, backbone, ds) if ckpt is not None else ""
+    out: list[TuneResult] = []
+    rows: list[torch.Tensor] = []
+    part = _load_partial(ckpt, key)
+    todo = list(range(len(ds)))
+    if part is not None:
+        out.append(TuneResult(part["logits"], part["untuned"], part["failed"].bool()))
+        rows.append(part["idx"].long())
+        done = set(part["idx"].tolist())
+        todo = [i for i in todo if i not in done]
     per = method.images_per_batch(len(ds.classnames))
-    out, rows = [], []
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(ds), desc=f"{type(method).__name__} {ds.name}", unit="img", leave=False)
-    for x, idx in iter_batches(backbone, ds, batch_size=per, progress=False):
-        out.append(method.predict(backbone, x))
-        rows.append(idx)
-        if bar is not None:
-            bar.update(len(idx))
-            bar.set_postfix(failed=int(sum(int(r.failed.sum()) for r in out)))
+        bar = tqdm(total=len(ds), initial=len(ds) - len(todo), desc=f"{type(method).__name__} {ds.name}",
+                   unit="img", leave=False)
+    last = time.perf_counter()
+    if todo:
+        rest = ds.subset(todo)
+        where = torch.as_tensor(todo)
+        for x, idx in iter_batches(backbone, rest, batch_size=per, progress=False):
+            out.append(method.predict(backbone, x))
+            rows.append(where[idx])
+            if bar is not None:
+                bar.update(len(idx))
+                bar.set_postfix(failed=int(sum(int(r.failed.sum()) for r in out)))
+            if ckpt is not None and time.perf_counter() - last > every_s:
+                _save_partial(ckpt, key, out, rows)
+                last = time.perf_counter()
     if bar is not None:
         bar.close()
     if not out:
         raise AnyclassError(f"{ds.name}: no readable image")
-    from ..methods.tta import TuneResult
     r = TuneResult.cat(out)
-    return r.logits, r.untuned, r.failed, torch.cat(rows)
+    idx = torch.cat(rows)
+    order = idx.argsort()
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
+    return r.logits[order], r.untuned[order], r.failed[order], idx[order]
 
 
-def evaluate_tta(method, backbone, test, progress: bool = True) -> dict:
+def evaluate_tta(method, backbone, test, progress: bool = True, resume: bool = True) -> dict:
     """Tune and score every readable image of `test` (LabeledImages) with a prepared method:
-    metrics, what tuning did, and timings."""
+    metrics, what tuning did, and timings. `resume`: partial results are kept under
+    $ANYCLASS_HOME/tta/partial/ while it runs, so an interrupted run continues."""
     t0 = time.perf_counter()
-    logits, untuned, failed, idx = tta_predict(method, backbone, test, progress)
+    ckpt = _home() / "partial" / f"{run_key(method, backbone, test)}.safetensors" if resume else None
+    logits, untuned, failed, idx = tta_predict(method, backbone, test, progress, ckpt)
     t_tune = time.perf_counter() - t0
     labels = torch.as_tensor(np.asarray(test.labels, dtype=np.int64))[idx]
     return {"metrics": classification_metrics(logits, labels), "num_images": int(len(labels)),
