@@ -102,12 +102,14 @@ def naive_tip_logits(f, Fk, y_sup, W, scale, alpha, beta):
     return out
 
 
-def naive_tipx_logits(f, Fk, y_sup, W, scale, alpha, beta, gamma, tau):
+def naive_tipx_logits(f, Fk, y_sup, W, scale, alpha, beta, gamma, tau, range_f):
+    """ψ's min/max taken on the split `range_f` (the fit's), applied to f's divergences."""
     base = naive_tip_logits(f, Fk, y_sup, W, scale, alpha, beta)
-    fn, Fn, Wn = f.numpy(), Fk.numpy(), W.numpy()
+    fn, Fn, Wn, rn = f.numpy(), Fk.numpy(), W.numpy(), range_f.numpy()
     Mx = naive_kl(softmax_np(fn @ Wn / tau), softmax_np(Fn @ Wn / tau))
-    aff = fn @ Fn.T                                  # ψ ranged on this split's affinities
-    psi = (Mx - Mx.min()) / (Mx.max() - Mx.min()) * (aff.max() - aff.min()) + aff.min()
+    Mr = naive_kl(softmax_np(rn @ Wn / tau), softmax_np(Fn @ Wn / tau))
+    aff = rn @ Fn.T
+    psi = (Mx - Mr.min()) / (Mr.max() - Mr.min()) * (aff.max() - aff.min()) + aff.min()
     for i in range(len(fn)):
         for k in range(Wn.shape[1]):
             base[i, k] += gamma * sum(-psi[i, j] for j in range(len(Fn)) if int(y_sup[j]) == k)
@@ -123,11 +125,44 @@ def test_tip_adapter_logits_match_loops():
 
 
 def test_tipx_logits_match_loops():
-    W, tr, _, te = make_task(3)
-    m = create_method("tip-x", logit_scale=50.0, alpha=1.5, beta=3.0, gamma=2.0).fit(W, tr)
-    want = naive_tipx_logits(te.features, tr.features, tr.labels, W, 50.0, 1.5, 3.0, 2.0, 0.5)
+    """ψ ranged on val when one is given, else on the support itself — never on the batch."""
+    W, tr, va, te = make_task(3)
+    for val, range_f in ((None, tr.features), (va, va.features)):
+        m = create_method("tip-x", logit_scale=50.0, alpha=1.5, beta=3.0, gamma=2.0).fit(
+            W, tr, val)
+        want = naive_tipx_logits(te.features, tr.features, tr.labels, W, 50.0, 1.5, 3.0, 2.0,
+                                 0.5, range_f)
+        np.testing.assert_allclose(m.predict_logits(te.features).double().numpy(), want,
+                                   rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tip-x", "sus-x"])
+def test_one_image_alone_gets_the_logits_it_gets_inside_a_batch(name):
+    """ψ's range is learned state: a prediction does not depend on its batch-mates (float32
+    logits: equal up to the rounding of batched products, far below the shift per-batch
+    ranging caused)."""
+    W, tr, va, te = make_task(11, n_train=6)
+    m = _fit(_make(name), W, tr, va)
+    assert isinstance(m.psi_, tuple) and len(m.psi_) == 2
+    batch = m.predict_logits(te.features)
+    for i in (0, 7, len(te) - 1):
+        alone = m.predict_logits(te.features[i:i + 1])
+        np.testing.assert_allclose(alone.numpy(), batch[i:i + 1].numpy(), rtol=0, atol=1e-4)
+    # and the same image among other batch-mates (a different min/max of the batch)
+    other = torch.cat([te.features[:1], -te.features[1:5]])
+    np.testing.assert_allclose(m.predict_logits(other)[0].numpy(), batch[0].numpy(),
+                               rtol=0, atol=1e-4)
+
+
+def test_searched_tipx_ranges_psi_on_its_search_split():
+    W, tr, va, te = make_task(12, n_val=40)
+    m = create_method("tip-x", logit_scale=20.0, alpha_grid=A_G, beta_grid=B_G,
+                      gamma_grid=G_G).fit(W, tr, va)
+    want = naive_tipx_logits(te.features, tr.features, tr.labels, W, 20.0, m.alpha_, m.beta_,
+                             m.gamma_, 0.5, va.features)
     np.testing.assert_allclose(m.predict_logits(te.features).double().numpy(), want,
                                rtol=1e-5, atol=1e-4)
+    assert m.chosen_["psi_range"] == "val"
 
 
 # ------------------------------------------------------------------ search
@@ -209,7 +244,7 @@ def test_method_search_records_choice_and_uses_it():
     assert (m.alpha_, m.beta_, m.gamma_) == pytest.approx(pick)
     assert m.chosen_["val_acc"] == pytest.approx(best / len(va))
     fixed = create_method("tip-x", logit_scale=20.0, alpha=m.alpha_, beta=m.beta_,
-                          gamma=m.gamma_).fit(W, tr)
+                          gamma=m.gamma_).fit(W, tr, va)             # ψ ranged on val too
     assert torch.allclose(fixed.predict_logits(te.features), m.predict_logits(te.features))
     # a fixed axis is not searched
     m2 = create_method("tip-adapter", logit_scale=20.0, beta=3.0, alpha_grid=A_G).fit(W, tr, va)

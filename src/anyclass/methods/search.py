@@ -24,7 +24,8 @@ rounding at exact ties).
 Memory: nothing N×M×K is ever built. The KL matrix is M = rowwise Σ s log s − s (log S)ᵀ, a
 matrix product, computed in row blocks of at most `max_bytes`; for TIP-X only its min/max
 and M L are kept (ψ is affine, so ψ(M) L = a·(M L) + b·1ᵀL). ψ rescales M into the range of
-the affinities f Fᵀ *of the same split* (the reference ranged the test matrix on val).
+the affinities f Fᵀ of one split: the search ranges each split on itself; a fitted method
+keeps the constants of its search split (`psi_`) and applies them to every later batch.
 """
 from __future__ import annotations
 
@@ -138,20 +139,34 @@ def psi(Mx: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
 
 
 def kl_term(f: torch.Tensor, F: torch.Tensor, W: torch.Tensor, L: torch.Tensor,
-            tau: float = 0.5, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
-    """T = −ψ(M) L [N, K], ψ ranged on this split's own M and f Fᵀ (memory-bounded).
+            tau: float = 0.5, max_bytes: int = DEFAULT_MAX_BYTES,
+            psi: tuple[float, float] | None = None) -> torch.Tensor:
+    """T = −ψ(M) L [N, K] (memory-bounded). ψ = (scale, shift) fixed beforehand (a fitted
+    method's `psi_`, so a row's logits do not depend on the other rows), or, with psi=None,
+    ranged on this split's own M and f Fᵀ (the search, which ranges on its own split).
 
     Computed in float64 and returned in f's dtype: M = Σ s log s − s·log S subtracts two
     terms of size ~log K to get a small divergence, and ψ then stretches M's (small) range
     to the affinities' range, so float32 here would cost ~1e-3 in T (measured), enough to
     flip near-ties at large γ."""
+    return kl_term_ranged(f, F, W, L, tau, max_bytes, psi)[0]
+
+
+def kl_term_ranged(f: torch.Tensor, F: torch.Tensor, W: torch.Tensor, L: torch.Tensor,
+                   tau: float = 0.5, max_bytes: int = DEFAULT_MAX_BYTES,
+                   psi: tuple[float, float] | None = None
+                   ) -> tuple[torch.Tensor, tuple[float, float]]:
+    """(T, ψ's constants): `kl_term` plus the (scale, shift) it used, so a fit can keep the
+    range of its search split and apply it to every later batch."""
     d = torch.float64
     ML, m_lo, m_hi = kl_label_term(log_signatures(f.to(d), W.to(d), tau),
                                    log_signatures(F.to(d), W.to(d), tau), L.to(d),
                                    max_bytes)
-    a_lo, a_hi = affinity_range(f, F, max_bytes)
-    scale, shift = psi_affine(m_lo, m_hi, a_lo, a_hi)
-    return (-(scale * ML + shift * L.to(d).sum(0))).to(f.dtype)
+    if psi is None:
+        a_lo, a_hi = affinity_range(f, F, max_bytes)
+        psi = psi_affine(m_lo, m_hi, a_lo, a_hi)
+    scale, shift = psi
+    return (-(scale * ML + shift * L.to(d).sum(0))).to(f.dtype), (float(scale), float(shift))
 
 
 def cache_term(f: torch.Tensor, F: torch.Tensor, L: torch.Tensor, beta: float,

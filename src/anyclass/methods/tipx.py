@@ -8,10 +8,13 @@ TIP-X over a support set F [M, D] with one-hot labels L [M, K]:
     M_ij = KL(s_i ‖ S_j)                          (image-text signature distance)
     logits = Z + α A L + γ (−ψ(M)) L              (ψ: min-max rescale into the range of f Fᵀ)
 
-ψ is ranged on the split it is applied to (val during the search, the predicted features at
-test time): the reference ranged the test matrix with the val affinities. Because ψ is
-affine with split-level constants, predictions depend on the min/max of the whole batch
-given to `predict_logits` — pass the whole evaluation split at once, as the runner does.
+ψ is affine with split-level constants (min/max of M and of f Fᵀ). They are fixed at fit
+time, on the split the search used (val; the held-out support for sus-x; val, else the
+support itself, when α, β, γ are given), and kept as learned state `psi_`: γ was chosen for
+that scale, and a prediction must not depend on which other images share its batch (ranged
+per batch, one image alone and the same image inside a folder could get different labels).
+The reference instead ranged the test matrix's M with the val affinities (a mix of two
+splits, METHODS.md §2); here both ranges come from one split.
 
 `tip-x`: the support is the k-shot train set (keys averaged over `augment_passes`
 flip-crop passes, as for Tip-Adapter); α, β, γ searched on val over the reference's
@@ -34,7 +37,7 @@ from ..errors import AnyclassError
 from . import METHODS
 from .base import FeatureSet
 from .search import (DEFAULT_MAX_BYTES, TIPX_ALPHA, TIPX_BETA, TIPX_GAMMA, cache_term,
-                     kl_term, search_grid)
+                     kl_term, kl_term_ranged, search_grid)
 from .tip_adapter import TipAdapter, _name, check_support, need_val
 
 
@@ -55,27 +58,38 @@ class TipX(TipAdapter):
         self.tau = tau
 
     def _kl(self, f: torch.Tensor) -> torch.Tensor:
-        return kl_term(f, self.keys_, self.W_, self.values_, self.tau, self.max_bytes)
+        """T for any batch, with ψ fixed at fit time (`psi_`)."""
+        return kl_term(f, self.keys_, self.W_, self.values_, self.tau, self.max_bytes,
+                       psi=self.psi_)
+
+    def _range_on(self, f: torch.Tensor) -> torch.Tensor:
+        """Fix ψ on split `f` (sets `psi_`); returns that split's T."""
+        T, self.psi_ = kl_term_ranged(f, self.keys_, self.W_, self.values_, self.tau,
+                                      self.max_bytes)
+        return T
 
     def _fit_tipx(self, text_weights: torch.Tensor, support: FeatureSet | None,
                   val: FeatureSet | None) -> None:
         self._cache(text_weights, support)
+        has_val = val is not None and len(val) > 0
         if None not in (self.alpha, self.beta, self.gamma):
             self.alpha_, self.beta_, self.gamma_ = (float(self.alpha), float(self.beta),
                                                     float(self.gamma))
+            self._range_on(val.features.float().to(self.W_.device) if has_val
+                           else self.keys_)
             self.chosen_ = {"alpha": self.alpha_, "beta": self.beta_, "gamma": self.gamma_,
-                            "searched": False}
+                            "searched": False, "psi_range": "val" if has_val else "support"}
             return
         val = need_val(self._name, val, "alpha, beta, gamma")
         f = val.features.float().to(self.W_.device)
         res = search_grid(self.logit_scale * f @ self.W_, f, self.keys_, self.values_,
                           val.labels, self._axis(self.alpha, self.alpha_grid),
                           self._axis(self.beta, self.beta_grid),
-                          self._axis(self.gamma, self.gamma_grid), T=self._kl(f),
+                          self._axis(self.gamma, self.gamma_grid), T=self._range_on(f),
                           max_bytes=self.max_bytes, order="abg")
         self.alpha_, self.beta_, self.gamma_ = res.alpha, res.beta, res.gamma
         self.chosen_ = {"alpha": res.alpha, "beta": res.beta, "gamma": res.gamma,
-                        "val_acc": res.acc, "searched": True,
+                        "val_acc": res.acc, "searched": True, "psi_range": "val",
                         "grid": [len(res.alphas), len(res.betas), len(res.gammas)]}
 
     def fit(self, text_weights: torch.Tensor, train: FeatureSet | None = None,
@@ -154,5 +168,6 @@ class SusX(TipX):
         cache, held = holdout_split(train, text_weights.shape[1], self.holdout, self.seed)
         self._fit_tipx(text_weights, cache, held if len(held) else None)
         self.chosen_.update({"support": len(train), "cache": len(cache),
-                             "held_out": len(held)})
+                             "held_out": len(held),
+                             "psi_range": "held-out support" if len(held) else "support"})
         return self
