@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..errors import SpecError
 from ..world.model import CONFIG_FILE, IMAGE_MEAN, IMAGE_STD, WEIGHTS_FILE, BuiltinModel
-from .factory import BACKBONES
+from .schemes import BACKBONES
 from .hooks import word_embeddings, PromptError, check_context, check_deep_context, check_prompts, context_starts, deep_context
 from .weights import file_sha256
 

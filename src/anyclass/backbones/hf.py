@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import AnyclassError, SpecError
-from .factory import BACKBONES
+from .schemes import BACKBONES
 from .hooks import (word_embeddings, logit_scale_and_bias, capture_inputs, check_context, check_deep_context, check_prompts, chunks, context_starts,
                     deep_context, deep_prompts, freeze, normalized, placeholder_token_id, replace_token_embeddings)
 from .weights import state_dict_hash

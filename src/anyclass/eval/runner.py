@@ -103,7 +103,8 @@ def run_eval(cfg: EvalConfig, backbone: VisionLanguageModel | None = None,
     test = load_dataset(cfg.dataset, cfg.split)
     if len(test) == 0:
         raise AnyclassError(f"dataset {cfg.dataset!r} has no images in split {cfg.split!r}")
-    backbone = backbone or create_backbone(cfg.backbone, cfg.device)
+    # lazy: a run whose features and text classifier are cached never builds the model
+    backbone = backbone or create_backbone(cfg.backbone, cfg.device, lazy=True)
     ext = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=progress)
 
     params = method.get_params()

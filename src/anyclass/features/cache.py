@@ -16,13 +16,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_write_bytes, atomic_write_json  # noqa: F401 — re-exported
 from ..paths import home
 
 log = logging.getLogger("anyclass.features")
@@ -58,22 +58,6 @@ def feature_key(identity: str, weights_hash: str, preprocess_id: str, paths: Seq
             size, mtime = -1, -1
         h.update(f"{p}\0{size}\0{mtime}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:32]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode())
 
 
 def chunk_checksum(rows: np.ndarray) -> str:

@@ -16,17 +16,41 @@ def encode_texts_batched(backbone: VisionLanguageModel, texts: Sequence[str],
                       for i in range(0, len(texts), batch_size)])
 
 
-@torch.no_grad()
 def build_text_classifier(backbone: VisionLanguageModel, classnames: Sequence[str],
                           templates: Sequence[str] = ("a photo of a {}.",),
                           descriptions: dict[str, list[str]] | None = None,
-                          with_templates: bool = True) -> torch.Tensor:
+                          with_templates: bool = True, cache: bool = True) -> torch.Tensor:
     """W[:, k] = normalise(mean_s normalise(enc(s))) over class k's sentences.
 
     Sentences of class k: every template filled with its name (if `with_templates`), plus its
     CuPL descriptions (if given) — CuPL alone is `with_templates=False`, "CuPL+e" both.
     All sentences go through the encoder in batches, then one segment mean.
+
+    Cached on disk (features/textcache.py) for backbones that carry a `text_id` (those made
+    by `create_backbone`): a cached run then never runs — or even loads — the text tower.
     """
+    text_id = getattr(backbone, "text_id", None) if cache else None
+    if not text_id:
+        return _encode_classifier(backbone, classnames, templates, descriptions, with_templates)
+    from ..features.textcache import classifier_key, load_classifier, save_classifier
+    key = classifier_key(backbone.identity, backbone.weights_hash, text_id, classnames,
+                         templates, descriptions, with_templates)
+    hit = load_classifier(key)
+    if hit is not None:
+        return torch.from_numpy(hit).to(backbone.device)
+    W = _encode_classifier(backbone, classnames, templates, descriptions, with_templates)
+    try:
+        save_classifier(key, W.detach().cpu().numpy(),
+                        {"identity": backbone.identity, "classes": len(classnames)})
+    except OSError:
+        pass                                          # a read-only cache costs a re-encode
+    return W
+
+
+@torch.no_grad()
+def _encode_classifier(backbone: VisionLanguageModel, classnames: Sequence[str],
+                       templates: Sequence[str], descriptions: dict[str, list[str]] | None,
+                       with_templates: bool) -> torch.Tensor:
     texts: list[str] = []
     owner: list[int] = []
     for k, name in enumerate(classnames):
