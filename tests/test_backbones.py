@@ -181,6 +181,32 @@ def test_openclip_encoders_match_open_clip(backbones):
     assert torch.allclose(bb.encode_texts(["a dog"]), ref, atol=1e-6)
 
 
+def test_openclip_text_runs_only_to_the_last_end_of_text_token_and_matches_the_full_context(backbones):
+    """The causal tower is cut at the batch's last EOT (exact); the model is restored after."""
+    bb = backbones["oc-vit"]
+    m = bb.model
+    texts = ["a dog", "a very small photo of a big red dog on a hill", "cat"]
+    ids = bb.tokenizer(texts)
+    seen = []
+    h = m.transformer.register_forward_pre_hook(lambda mod, a, kw: seen.append(a[0].shape[1]),
+                                                with_kwargs=True)
+    try:
+        got = bb.encode_texts(texts)
+    finally:
+        h.remove()
+    assert seen == [int(ids.argmax(-1).max()) + 1] and seen[0] < ids.shape[1]
+    assert m.positional_embedding.shape[0] == ids.shape[1] == m.attn_mask.shape[0]
+    assert torch.allclose(got, m.encode_text(ids, normalize=True), atol=1e-6)
+    ctx = 0.02 * torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
+    out = bb.encode_text_with_context(["a X X photo of a dog"], ctx)
+    ref = m.token_embedding(bb.tokenizer(["a X X photo of a dog"]))
+    ref[0, 2:4] = ctx
+    from open_clip.transformer import text_global_pool
+    x = m.transformer(ref + m.positional_embedding, attn_mask=m.attn_mask)
+    ref = text_global_pool(m.ln_final(x), bb.tokenizer(["a X X photo of a dog"]), "argmax") @ m.text_projection
+    assert torch.allclose(out, torch.nn.functional.normalize(ref, dim=-1), atol=1e-6)
+
+
 # ------------------------------------------------------------------------- text hook (CoOp)
 
 def test_text_hook_with_placeholder_embeddings_reproduces_encode_texts(bb):

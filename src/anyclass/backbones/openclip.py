@@ -239,7 +239,7 @@ class OpenClipBackbone:
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         texts = list(texts)
-        out = [self.model.encode_text(self.tokenizer(texts[s]).to(self.device))
+        out = [self._encode_ids(self.tokenizer(texts[s]).to(self.device))
                for s in chunks(len(texts), TEXT_BATCH)]
         if not out:
             return torch.empty(0, self.embed_dim, device=self.device)
@@ -261,7 +261,7 @@ class OpenClipBackbone:
         ids = self.tokenizer(texts).to(self.device)
         starts = context_starts(ids, self._placeholder_id(placeholder), ctx.shape[1], texts, placeholder)
         with replace_token_embeddings(emb, starts, ctx), deep_context(blocks, starts, deep, batch_first):
-            x = self.model.encode_text(ids)
+            x = self._encode_ids(ids)
         return normalized(x)
 
     def encode_images_with_prompts(self, images: torch.Tensor,
@@ -288,6 +288,30 @@ class OpenClipBackbone:
         return normalized(x), got
 
     # -------------------------------------------------------------------------- internals
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """model.encode_text, run on the tokens up to the batch's last end-of-text token where
+        that is exact: a causal CLIP text tower pooling the EOT token never lets a later
+        (padding) position reach it, so CLIP's 77-token context is cut to the ~10–20 tokens a
+        prompt uses — the text tower's cost, which dominates prompt learning and test-time
+        tuning, falls by the same factor."""
+        m = self.model
+        pe, mask = getattr(m, "positional_embedding", None), getattr(m, "attn_mask", None)
+        causal = (isinstance(pe, nn.Parameter) and isinstance(mask, torch.Tensor)
+                  and mask.dim() == 2 and getattr(m, "text_pool_type", "argmax") == "argmax"
+                  and bool(torch.isinf(mask[0, 1:]).all()) and ids.shape[1] == pe.shape[0])
+        if not causal:
+            return m.encode_text(ids)
+        n = int(ids.argmax(dim=-1).max()) + 1            # CLIP's EOT has the largest id
+        if n >= ids.shape[1]:
+            return m.encode_text(ids)
+        params, buffers = m._parameters, m._buffers
+        params["positional_embedding"] = nn.Parameter(pe[:n], requires_grad=False)
+        buffers["attn_mask"] = mask[:n, :n]
+        try:
+            return m.encode_text(ids[:, :n])
+        finally:
+            params["positional_embedding"], buffers["attn_mask"] = pe, mask
+
     def _token_embedding(self, required: bool) -> nn.Module | None:
         m = self.model
         for owner in (m, getattr(m, "text", None)):
