@@ -98,7 +98,7 @@ def measure(bb, x: torch.Tensor, names: list[str], source, workdir: Path, n_ref:
             "overhead_vs_zeroshot": round(batched / zs["s_per_image"], 1),
             "same_predictions": same,
             "max_abs_logit_diff": float((got.logits[:n_ref] - ref.logits).abs().max()),
-            "images_per_batch": m.images_per_batch(len(names)),
+            "images_per_batch": m.images_per_batch(len(names), bb.device),
             "changed_by_tuning": int((got.logits.argmax(1) != got.untuned.argmax(1)).sum())}
         print(f"{name}: {json.dumps(out['methods'][name])}", file=sys.stderr, flush=True)
     return out

@@ -79,10 +79,11 @@ def subsample(ds, per_class: int, seed: int):
 class World:
     """The backbone, the source-trained prompt files and statistics, shared by the rows."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, extra: dict | None = None) -> None:
         from anyclass.backbones.factory import create_backbone
         self.bb = create_backbone("builtin")
         self.out = out
+        self.extra = extra or {}          # hyperparameters every row gets (e.g. amp=True)
         self._files: dict = {}
 
     def prompts(self, kind: str | None, seed: int) -> str | None:
@@ -121,7 +122,7 @@ class World:
             test = subset_classes(test, classes)
         test = subsample(test, per_class, seed)
         init = init_file if kind == "maple" and init_file else self.prompts(kind, seed)
-        m = create_method(name, init=init, seed=seed, **hp)
+        m = create_method(name, init=init, seed=seed, **{**self.extra, **hp})
         world_defaults(m, dataset, self.bb, list(test.classnames), seed)
         m.prepare(self.bb, list(test.classnames))
         t0 = time.perf_counter()
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--per-class", type=int, default=1)
     ap.add_argument("--rows", help="comma-separated rows (default: the table's)")
+    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast on the CPU too "
+                    "(halves the text tower's cost; recorded in each result's hparams)")
     ap.add_argument("--out", type=Path, default=Path("runs/tta-world"))
     ap.add_argument("--states", type=Path, default=Path("runs/bench-prompt/states"),
                     help="b2n: the issue-10 sweep's learned states")
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         report(a.out)
         return 0
     seeds = [int(s) for s in a.seeds.split(",")]
-    w = World(a.out)
+    w = World(a.out, {"amp": True} if a.amp else None)
     pick = (lambda rows: {k: v for k, v in rows.items() if not a.rows or k in a.rows.split(",")})
     if a.what == "dg":
         dg(w, pick(DG_ROWS), seeds, a.per_class)

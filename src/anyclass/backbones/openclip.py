@@ -168,6 +168,8 @@ class OpenClipBackbone:
         from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
         self.model = freeze(model)
+        #: run causal text towers only up to the last EOT (exact; False: the whole context)
+        self.trim_text = True
         self.name = name
         self.identity = identity
         self.weights_hash = weights_hash
@@ -296,7 +298,7 @@ class OpenClipBackbone:
         tuning, falls by the same factor."""
         m = self.model
         pe, mask = getattr(m, "positional_embedding", None), getattr(m, "attn_mask", None)
-        causal = (isinstance(pe, nn.Parameter) and isinstance(mask, torch.Tensor)
+        causal = (self.trim_text and isinstance(pe, nn.Parameter) and isinstance(mask, torch.Tensor)
                   and mask.dim() == 2 and getattr(m, "text_pool_type", "argmax") == "argmax"
                   and bool(torch.isinf(mask[0, 1:]).all()) and ids.shape[1] == pe.shape[0])
         if not causal:

@@ -156,7 +156,7 @@ def tta_predict(method, backbone, ds, progress: bool = True, checkpoint: str | P
         rows.append(part["idx"].long())
         done = set(part["idx"].tolist())
         todo = [i for i in todo if i not in done]
-    per = method.images_per_batch(len(ds.classnames))
+    per = method.images_per_batch(len(ds.classnames), backbone.device)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -34,8 +34,10 @@ from ..errors import AnyclassError
 from .base import FeatureMethod
 from .prompt_parts import context_template, init_context, texts_for
 
-#: at most this many class texts per text-encoder call (B images × K classes are chunked)
+#: at most this many class texts per text-encoder call (B images × K classes are chunked);
+#: a CPU gains nothing from bigger batches and pays for their activations in cache misses
 MAX_TEXTS = 4096
+MAX_TEXTS_CPU = 1024
 #: TPT's hand-written starting prompt: 4 learned words initialised from it
 HANDWRITTEN = "a photo of a"
 
@@ -285,15 +287,15 @@ class TestTimeMethod(FeatureMethod):
         raise AnyclassError(f"{type(self).__name__} learns nothing before test time: call "
                             f"prepare(backbone, classnames), then predict(backbone, images)")
 
-    def images_per_batch(self, n_classes: int) -> int:
+    def images_per_batch(self, n_classes: int, device="cpu") -> int:
         """Images tuned at once: bounded by the B·K texts one step encodes."""
-        return self.batch_size or max(1, MAX_TEXTS // max(1, n_classes))
+        cap = MAX_TEXTS if torch.device(device).type == "cuda" else MAX_TEXTS_CPU
+        return self.batch_size or max(1, cap // max(1, n_classes))
 
     def predict(self, backbone, x: torch.Tensor) -> "TuneResult":
         """Tune and score preprocessed images x [N, 3, H, W] (any N: chunked)."""
-        res = [self._tune(backbone, x[s:s + self.images_per_batch(len(self.classnames_))])
-               for s in range(0, len(x), self.images_per_batch(len(self.classnames_)))]
-        return TuneResult.cat(res)
+        b = self.images_per_batch(len(self.classnames_), backbone.device)
+        return TuneResult.cat([self._tune(backbone, x[s:s + b]) for s in range(0, len(x), b)])
 
     # ------------------------------------------------------------------ one batch
     def _encode(self, backbone, views: torch.Tensor, vp: list[torch.Tensor] | None
@@ -384,6 +386,16 @@ class TestTimeMethod(FeatureMethod):
         and the optimiser, encode all V views at every step (image features included), filter,
         step, then encode the image again to predict. For the speed comparison and to check
         the batched path (same views: the same per-image seeds)."""
+        trim = getattr(backbone, "trim_text", None)
+        if trim is not None:              # the reference encodes CLIP's whole 77-token context
+            backbone.trim_text = False
+        try:
+            return self._reference(backbone, x)
+        finally:
+            if trim is not None:
+                backbone.trim_text = trim
+
+    def _reference(self, backbone, x: torch.Tensor) -> "TuneResult":
         out = []
         init, names, dev = self.init_, self.classnames_, backbone.device
         s, bias = backbone.logit_scale, backbone.logit_bias
