@@ -238,7 +238,7 @@ def test_statistics_for_another_prompt_file_or_backbone_are_refused(bb, animals,
         create_method("promptalign", init=str(files["maple"]),
                       stats=str(tmp_path / "foreign.safetensors")).prepare(bb, animals["names"])
     (tmp_path / "junk.safetensors").write_bytes(b"not a file at all")
-    with pytest.raises(TTAError, match="not a safetensors statistics file"):
+    with pytest.raises(TTAError, match="junk.safetensors is not a safetensors test-time statistics file"):
         SourceStats.load(tmp_path / "junk.safetensors")
 
 

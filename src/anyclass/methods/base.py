@@ -63,3 +63,21 @@ class FeatureMethod:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
+
+
+def set_defaults(est: FeatureMethod, given: dict, defaults: dict) -> None:
+    """Set `defaults` overridden by `given` as attributes; an unknown key is an error (the
+    shared recipe of a method family: prompt learning, test-time tuning)."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"{type(est).__name__} has no hyperparameter {unknown[0]!r}")
+    for k, v in {**defaults, **given}.items():
+        setattr(est, k, v)
+
+
+def params_with(est: FeatureMethod, shared: dict) -> dict:
+    """`__init__`'s named hyperparameters plus the family's shared ones (`**kwargs`)."""
+    sig = inspect.signature(type(est).__init__)
+    own = {p.name: getattr(est, p.name) for p in sig.parameters.values()
+           if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {**own, **{k: getattr(est, k) for k in shared}}

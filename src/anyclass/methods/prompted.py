@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import AnyclassError
-from .base import FeatureMethod
+from .base import FeatureMethod, params_with, set_defaults
 
 FORMAT = "anyclass-prompts"
 FORMAT_VERSION = 1
@@ -40,21 +40,11 @@ class PromptMethod(FeatureMethod):
     def _init_recipe(self, given: dict) -> None:
         """Set the recipe hyperparameters (epochs, lr, ...): the paper's unless `given`."""
         from .training import COMMON_RECIPE
-        defaults = {**COMMON_RECIPE, **type(self).recipe}
-        unknown = sorted(set(given) - set(defaults))
-        if unknown:
-            raise ValueError(f"{type(self).__name__} has no hyperparameter {unknown[0]!r}")
-        for k, v in {**defaults, **given}.items():
-            setattr(self, k, v)
+        set_defaults(self, given, {**COMMON_RECIPE, **type(self).recipe})
 
     def get_params(self) -> dict:
-        import inspect
-
         from .training import COMMON_RECIPE
-        sig = inspect.signature(type(self).__init__)
-        own = {p.name: getattr(self, p.name) for p in sig.parameters.values()
-               if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        return {**own, **{k: getattr(self, k) for k in COMMON_RECIPE}}
+        return params_with(self, COMMON_RECIPE)
 
     # --------------------------------------------------------------- what a method defines
     def make_module(self, backbone, classnames: Sequence[str]) -> nn.Module:
@@ -144,11 +134,18 @@ class PromptMethod(FeatureMethod):
 
 def read_prompt_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a prompt file; refuses anything but our safetensors format."""
-    from safetensors import SafetensorError
+    return read_tagged_file(path, FORMAT, "prompt", PromptFileError)
+
+
+def read_tagged_file(path: str | Path, fmt: str, what: str, error: type[Exception]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of one of our safetensors files whose metadata says
+    format=`fmt`; anything else (a pickle is never opened) raises `error` naming the path."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file():
-        raise PromptFileError(f"prompt file not found: {path}")
+        raise error(f"{what} file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(9)
     # safetensors: a little-endian u64 header length, then the JSON header; its first byte
@@ -156,17 +153,16 @@ def read_prompt_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     n = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
     layout = head[8:9] == b"{" and 8 + n <= path.stat().st_size
     if not layout and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
-        raise PromptFileError(f"{path} is a pickle/torch.save file; anyclass only reads "
-                              f"safetensors prompt files (it never unpickles)")
+        raise error(f"{path} is a pickle/torch.save file; anyclass only reads "
+                    f"safetensors {what} files (it never unpickles)")
     try:
-        from safetensors import safe_open
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         sd = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise PromptFileError(f"{path} is not a safetensors prompt file ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise PromptFileError(f"{path} is not an anyclass prompt file (format {meta.get('format')!r})")
+        raise error(f"{path} is not a safetensors {what} file ({e})") from None
+    if meta.get("format") != fmt:
+        raise error(f"{path} is not an anyclass {what} file (format {meta.get('format')!r})")
     return sd, meta
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AnyclassError
-from .base import FeatureMethod
+from .base import FeatureMethod, params_with, set_defaults
 from .prompt_parts import context_template, init_context, texts_for
 
 #: at most this many class texts per text-encoder call (B images × K classes are chunked);
@@ -241,19 +241,10 @@ class TestTimeMethod(FeatureMethod):
         self._init_common(common)
 
     def _init_common(self, given: dict) -> None:
-        defaults = {**TTA_COMMON, **type(self).defaults}
-        unknown = sorted(set(given) - set(defaults))
-        if unknown:
-            raise ValueError(f"{type(self).__name__} has no hyperparameter {unknown[0]!r}")
-        for k, v in {**defaults, **given}.items():
-            setattr(self, k, v)
+        set_defaults(self, given, {**TTA_COMMON, **type(self).defaults})
 
     def get_params(self) -> dict:
-        import inspect
-        sig = inspect.signature(type(self).__init__)
-        own = {p.name: getattr(self, p.name) for p in sig.parameters.values()
-               if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        return {**own, **{k: getattr(self, k) for k in TTA_COMMON}}
+        return params_with(self, TTA_COMMON)
 
     # ------------------------------------------------------------------ what a method adds
     @property

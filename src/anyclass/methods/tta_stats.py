@@ -99,20 +99,8 @@ class SourceStats:
 
     @classmethod
     def load(cls, path: str | Path) -> "SourceStats":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-        path = Path(path)
-        if not path.is_file():
-            raise TTAError(f"statistics file not found: {path}")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            t = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise TTAError(f"{path} is not a safetensors statistics file ({e})") from None
-        if meta.get("format") != FORMAT:
-            raise TTAError(f"{path} is not an anyclass test-time statistics file "
-                           f"(format {meta.get('format')!r})")
+        from .prompted import read_tagged_file
+        t, meta = read_tagged_file(path, FORMAT, "test-time statistics", TTAError)
         return cls(t["mean"], t["var"], t["class_mean"], t["class_var"], t["class_feat"],
                    t["class_count"], json.loads(meta["classnames"]), meta["backbone_identity"],
                    meta["weights_hash"], meta["prompts_key"], meta.get("source", ""))
