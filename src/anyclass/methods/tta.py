@@ -324,7 +324,11 @@ class TestTimeMethod(FeatureMethod):
         untuned = None
         for step in range(max(self.steps, 1)):
             with _autocast(dev, self.amp):
-                t = text_features(backbone, init, p, names)                 # [B, K, D]
+                if self.steps:
+                    t = text_features(backbone, init, p, names)             # [B, K, D]
+                else:                           # no step: θ_0 is every image's, encode once
+                    t = text_features(backbone, init, {k: v[:1] for k, v in p.items()},
+                                      names).expand(b, -1, -1)
                 if step == 0:
                     with torch.no_grad():
                         logits_all = s * torch.einsum("bvd,bkd->bvk", f_all, t) + bias
