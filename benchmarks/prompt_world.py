@@ -71,11 +71,38 @@ def sweep(protocol: str, methods: list[str], datasets: list[str] | None, seeds: 
     return 1 if summary.failed else 0
 
 
+def seed_summary(out: Path) -> str:
+    """Base-to-new per seed (mean of the tasks; HM of the mean base and new, as the papers)
+    and the mean of the seeds ± the standard deviation of the seed means."""
+    import statistics as st
+    from collections import defaultdict
+    cells: dict = defaultdict(lambda: defaultdict(list))
+    for f in sorted((out / "base2new").rglob("*.json")):
+        r = json.loads(f.read_text())
+        cells[r["method"]][r["seed"]].append((100 * r["metrics"]["base_acc1"], 100 * r["metrics"]["new_acc1"]))
+    seeds = sorted({s for m in cells.values() for s in m})
+    lines = ["| method | " + " | ".join(f"seed {s} B / N / HM" for s in seeds)
+             + " | mean of seeds B / N / HM (± std of seed means) |", "|---|" + "---|" * (len(seeds) + 1)]
+    for meth in [m for m in B2N_METHODS if m in cells]:
+        per = {}
+        for s, v in cells[meth].items():
+            b, n = (sum(x[i] for x in v) / len(v) for i in (0, 1))
+            per[s] = (b, n, 2 * b * n / (b + n))
+        row = [" / ".join(f"{x:.2f}" for x in per[s]) if s in per else "–" for s in seeds]
+        mean = [st.mean(p[i] for p in per.values()) for i in range(3)]
+        sd = [st.pstdev([p[i] for p in per.values()]) for i in range(3)]
+        lines.append(f"| {meth} | " + " | ".join(row) + " | "
+                     + " / ".join(f"{m:.2f} ± {d:.2f}" for m, d in zip(mean, sd)) + f" ({len(per)} seeds) |")
+    return "\n".join(lines)
+
+
 def report(out: Path) -> None:
     from anyclass.eval.report import load_results, protocol_tables
     results = load_results([str(out)])
     for t in protocol_tables(results, "acc1").values():
         print(f"## {t.title}\n\n{t.to_markdown()}\n")
+    if (out / "base2new").is_dir():
+        print(f"## Base-to-new by seed\n\n{seed_summary(out)}\n")
     print("Schedules departing from the papers':", json.dumps(WORLD_SCHEDULE))
 
 

@@ -104,6 +104,33 @@ def measure(bb, x: torch.Tensor, names: list[str], source, workdir: Path, n_ref:
     return out
 
 
+def text_trim(spec: str = "openclip:ViT-B-16@random", n: int = 200, reps: int = 2) -> dict:
+    """open_clip text: the batch cut at its last end-of-text token (backbone default) vs
+    CLIP's whole 77-token context (`trim_text=False`, what the reference code runs)."""
+    import warnings
+
+    from anyclass.backbones.factory import create_backbone
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bb = create_backbone(spec, "cpu")
+    texts = [f"a photo of a {w}." for w in ("cat", "dog", "sports car", "big red apple tree")] * (n // 4)
+    out = {}
+    for trim in (True, False):
+        bb.trim_text = trim
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                f = bb.encode_texts(texts)
+            best = min(best, time.perf_counter() - t0)
+        out[trim] = (best, f)
+    bb.trim_text = True
+    return {"backbone": spec, "texts": len(texts), "trimmed_s": round(out[True][0], 3),
+            "full_context_s": round(out[False][0], 3),
+            "speedup": round(out[False][0] / out[True][0], 2),
+            "max_abs_diff": float((out[True][1] - out[False][1]).abs().max())}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="builtin")
@@ -114,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast (default on CUDA)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--text-trim", action="store_true",
+                    help="only time open_clip ViT-B-16's text tower, trimmed vs 77 tokens")
     a = ap.parse_args(argv)
+    if a.text_trim:
+        print(json.dumps({**text_trim(), "machine": machine()}, indent=1))
+        return 0
     from anyclass.backbones.factory import create_backbone
     from anyclass.data.sources import load_dataset
     from anyclass.methods.training import load_images
