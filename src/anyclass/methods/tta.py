@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import AnyclassError
 from .base import FeatureMethod, params_with, set_defaults
-from .prompt_parts import context_template, init_context, texts_for
+from .prompt_parts import context_template, image_features, init_context, texts_for
 
 #: at most this many class texts per text-encoder call (B images × K classes are chunked);
 #: a CPU gains nothing from bigger batches and pays for their activations in cache misses
@@ -295,9 +295,7 @@ class TestTimeMethod(FeatureMethod):
         if self.align_layers:
             f, lay = backbone.encode_images_with_layer_inputs(views, vp, self.align_layers)
             return f.float(), [t.float() for t in lay]
-        if vp is None:
-            return backbone.encode_images(views).float(), None
-        return backbone.encode_images_with_prompts(views, vp).float(), None
+        return image_features(backbone, views, vp), None
 
     def _views(self, backbone, x: torch.Tensor) -> torch.Tensor:
         seeds = image_seeds(x, self.seed)
@@ -319,7 +317,7 @@ class TestTimeMethod(FeatureMethod):
         with torch.no_grad(), _autocast(dev, self.amp):                     # θ_0, all views
             vp0 = vision_prompts(init, p)
             vp0 = None if vp0 is None else [t.repeat_interleave(v, 0) for t in vp0]
-            f_all = self._encode_plain(backbone, flat, vp0).view(b, v, -1)
+            f_all = image_features(backbone, flat, vp0).view(b, v, -1)
         sel = None
         untuned = None
         for step in range(max(self.steps, 1)):
@@ -362,18 +360,13 @@ class TestTimeMethod(FeatureMethod):
             else:
                 t = text_features(backbone, init, p, names)
                 if self.tunes_vision:
-                    f0 = self._encode_plain(backbone, x, vision_prompts(init, p))
+                    f0 = image_features(backbone, x, vision_prompts(init, p))
                 else:
                     f0 = f_all[:, 0]
                 logits = (s * torch.einsum("bd,bkd->bk", f0.float(), t.float()) + bias).float()
         bad |= ~torch.isfinite(logits).all(1)
         logits = torch.where(bad[:, None], untuned, logits)
         return TuneResult(logits.cpu(), untuned.cpu(), bad.cpu())
-
-    def _encode_plain(self, backbone, x: torch.Tensor, vp) -> torch.Tensor:
-        if vp is None:
-            return backbone.encode_images(x).float()
-        return backbone.encode_images_with_prompts(x, vp).float()
 
     # ------------------------------------------------------------------ the reference loop
     def tune_reference(self, backbone, x: torch.Tensor) -> "TuneResult":
@@ -429,7 +422,7 @@ class TestTimeMethod(FeatureMethod):
             with torch.no_grad():
                 vp = vision_prompts(init, p) if self.tunes_vision else frozen_vp
                 t = text_features(backbone, init, p, names)[0]
-                logit = (s * self._encode_plain(backbone, xi, vp) @ t.t() + bias)[0].float()
+                logit = (s * image_features(backbone, xi, vp) @ t.t() + bias)[0].float()
                 if untuned is None:
                     untuned = logit
             bad = bad or not bool(torch.isfinite(logit).all())
