@@ -4,6 +4,12 @@ of `world:source@sketch`'s val split; acc1 of each setting beside MaPLe, MaPLe+T
 PromptAlign on the same images.
 
     python benchmarks/tta_choose.py [--images 64] [--amp] [--out runs/tta-world/choose.json]
+    python benchmarks/tta_choose.py --classes 40 --images 160 --amp --out runs/tta-world/choose-c40.json
+
+--classes N keeps a seeded random N of the dataset's classes (the whole val split of those
+classes, then --images of it): each tuned image costs K text forward+backward passes, so on 2
+CPU cores the 318-class choice is limited to a few dozen images; 40 classes allow ~4× more
+images for the same time (the coefficients do not depend on K except through τ's softmax).
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ SETTINGS = {
     "promptsync λ=1 τ=0.1": ("promptsync", dict(disc=1.0, tau=0.1)),
     "promptsync λ=1 τ=0.05": ("promptsync", dict(disc=1.0, tau=0.05)),
     "promptsync β=10 λ=1": ("promptsync", dict(beta=10.0, disc=1.0)),
+    "promptsync β=10 λ=0": ("promptsync", dict(beta=10.0, disc=0.0)),
+    "promptsync β=10 λ=0.1": ("promptsync", dict(beta=10.0, disc=0.1)),
+    "promptsync β=1 λ=1": ("promptsync", dict(beta=1.0, disc=1.0)),
 }
 
 
@@ -30,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="world:source@sketch")
     ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--classes", type=int, help="a seeded random subset of this many classes")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--amp", action="store_true")
     ap.add_argument("--settings", help="comma-separated names of SETTINGS (default: all)")
@@ -43,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     from anyclass.methods import create_method
     bb = create_backbone("builtin")
     val = load_dataset(a.dataset, "val")
+    if a.classes:
+        from anyclass.data.fewshot import subset_classes
+        keep = np.random.RandomState(a.seed).permutation(len(val.classnames))[:a.classes]
+        val = subset_classes(val, sorted(int(c) for c in keep))
     pick = np.random.RandomState(a.seed).permutation(len(val))[:a.images]
     val = val.subset(sorted(int(i) for i in pick))
     init = str(world_source_prompts(bb, a.seed))
