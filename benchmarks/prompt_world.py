@@ -112,19 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="1")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--tasks", help="comma-separated world tasks (default: the table's)")
+    p.add_argument("--methods", help="comma-separated subset of the table's methods")
     p.add_argument("--out", type=Path, default=Path("runs/bench-prompt"))
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     if a.workers > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     tasks = [f"world:{t}" for t in a.tasks.split(",")] if a.tasks else None
+    only = (lambda ms: [m for m in ms if m in a.methods.split(",")]) if a.methods else (lambda ms: ms)
     if a.what == "b2n":
-        return sweep("b2n", B2N_METHODS, tasks or _tasks(), seeds, [16], a.out, a.workers)
+        return sweep("b2n", only(B2N_METHODS), tasks or _tasks(), seeds, [16], a.out, a.workers)
     if a.what == "fewshot":
-        return sweep("fewshot", FEWSHOT_METHODS, tasks or [f"world:{t}" for t in FEWSHOT_TASKS],
+        return sweep("fewshot", only(FEWSHOT_METHODS), tasks or [f"world:{t}" for t in FEWSHOT_TASKS],
                      seeds, [1, 2, 4, 8, 16], a.out, a.workers)
     if a.what in ("xd", "dg"):
-        return sweep(a.what, TRANSFER_METHODS, tasks, seeds, [XD_SHOTS], a.out, a.workers)
+        return sweep(a.what, only(TRANSFER_METHODS), tasks, seeds, [XD_SHOTS], a.out, a.workers)
     if a.what == "ensemble":
         from apex_ensemble import run as run_ensemble
         return run_ensemble(tasks or _tasks(), seeds, a.out)

@@ -1,6 +1,6 @@
 """Test-time tuning on the offline world (issue 11): the tables of docs/benchmarks.md.
 
-    python benchmarks/tta_world.py dg       --seeds 1,2,3 [--per-class 1]
+    python benchmarks/tta_world.py dg       --seeds 1,2,3 [--per-class 1] [--classes 40]
     python benchmarks/tta_world.py ablation --seeds 1
     python benchmarks/tta_world.py xd       --seeds 1 [--per-class 1]
     python benchmarks/tta_world.py b2n      --seeds 1 [--per-class 2]
@@ -116,7 +116,11 @@ class World:
         slug = f"{row.replace(' ', '_')}/{dataset.replace(':', '-').replace('@', '_')}{split_name}-s{seed}.json"
         path = self.out / table / slug
         if path.exists():
-            return json.loads(path.read_text())
+            done = json.loads(path.read_text())
+            if done.get("per_class") != per_class:
+                raise SystemExit(f"{path} was measured with --per-class {done.get('per_class')}, "
+                                 f"not {per_class}: use another --out or remove it")
+            return done
         test = load_dataset(dataset, "test")
         if classes is not None:
             test = subset_classes(test, classes)
@@ -137,12 +141,26 @@ class World:
         return res
 
 
-def dg(w: World, rows: dict, seeds: list[int], per_class: int, table: str = "dg") -> None:
+def class_subset(n: int | None, seed: int) -> list[int] | None:
+    """A seeded random `n` of the source's classes (ImageNet-A/R style: a class subset of the
+    source task), or None for all."""
+    if not n:
+        return None
+    import numpy as np
+    from anyclass.data.sources import load_dataset
+    k = len(load_dataset(SOURCE, "test").classnames)
+    return sorted(int(c) for c in np.random.RandomState(seed).permutation(k)[:n])
+
+
+def dg(w: World, rows: dict, seeds: list[int], per_class: int, table: str = "dg",
+       classes: int | None = None) -> None:
     from anyclass.eval.protocols import shifted_domain_targets
+    table = f"{table}-c{classes}" if classes else table
     for seed in seeds:
+        subset = class_subset(classes, seed)
         for row, spec in rows.items():
             for d in shifted_domain_targets(SOURCE):
-                w.run(table, row, spec, d, seed, per_class)
+                w.run(table, row, spec, d, seed, per_class, classes=subset)
 
 
 def xd(w: World, seeds: list[int], per_class: int) -> None:
@@ -201,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--per-class", type=int, default=1)
     ap.add_argument("--rows", help="comma-separated rows (default: the table's)")
+    ap.add_argument("--classes", type=int, help="dg/ablation: test on a seeded random subset of "
+                    "this many source classes (as ImageNet-A/R test 200 of ImageNet's 1,000); "
+                    "results go to the table <dg|ablation>-c<N>")
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast on the CPU too "
                     "(halves the text tower's cost; recorded in each result's hparams)")
     ap.add_argument("--out", type=Path, default=Path("runs/tta-world"))
@@ -214,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     w = World(a.out, {"amp": True} if a.amp else None)
     pick = (lambda rows: {k: v for k, v in rows.items() if not a.rows or k in a.rows.split(",")})
     if a.what == "dg":
-        dg(w, pick(DG_ROWS), seeds, a.per_class)
+        dg(w, pick(DG_ROWS), seeds, a.per_class, classes=a.classes)
     elif a.what == "ablation":
-        dg(w, pick(ABLATION_ROWS), seeds, a.per_class, table="ablation")
+        dg(w, pick(ABLATION_ROWS), seeds, a.per_class, table="ablation", classes=a.classes)
     elif a.what == "xd":
         xd(w, seeds, a.per_class)
     else:

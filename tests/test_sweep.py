@@ -473,6 +473,14 @@ def test_report_fewshot_table_and_plot(tmp_path):
     assert parsed[0] == ["dataset", "method", "0-shot", "0-shot std", "1-shot", "1-shot std",
                          "4-shot", "4-shot std"]
     assert len(parsed) == 1 + 4 + 2
+    # an unfinished sweep: world:c has coop at 1 shot only -> averages over a and b, and say so
+    part = fewshot_table(recs + [_rec("fewshot", "coop", 1, {"acc1": 0.9}, shots=1,
+                                      dataset="world:c")])
+    rows = {tuple(lab): v for lab, v in part.rows}
+    avg = "Average (2 of 3 datasets with every cell)"
+    assert rows[(avg, "coop")][1].mean == pytest.approx((0.45 + 0.25) / 2)
+    assert rows[(avg, "zs")][0].mean == pytest.approx(0.4)
+    assert ("Average", "coop") not in rows
 
 
 @pytest.mark.parametrize("protocol", ["xd", "dg"])

@@ -262,6 +262,43 @@ def test_promptsync_terms_switch_off(bb, animals, files, x):
     assert torch.allclose(m.extra_loss(step)["align"], m.beta * m.global_alignment(step))
 
 
+
+def test_alignment_and_discrimination_terms_match_a_numpy_loop(bb, animals, files):
+    """PromptAlign's and PromptSync's loss terms against the formulas of docs/methods.md,
+    written as plain loops over images, layers and classes in float64."""
+    from anyclass.methods.tta import Step
+    g = torch.Generator().manual_seed(3)
+    k, d, n, t = len(animals["names"]), bb.embed_dim, 4, 19
+    lay = [torch.randn(2, n, t, bb.vision_width, generator=g) for _ in range(3)]
+    lg, lg0 = torch.randn(2, n, k, generator=g), torch.randn(2, k, generator=g)
+    step = Step(lg, lg0, F.normalize(torch.randn(2, n, d, generator=g), dim=-1), lay)
+    L = [x.double().numpy() for x in lay]
+    pa = tuner("promptalign", bb, animals["names"], files)
+    mean, var = pa.stats_.mean.double().numpy(), pa.stats_.var.double().numpy()
+    want = [pa.beta * np.mean([0.5 * np.abs(h[b].mean(0) - mean[l]).mean()
+                               + 0.5 * np.abs(h[b].var(0) - var[l]).mean()
+                               for l, h in enumerate(L)]) for b in range(2)]
+    np.testing.assert_allclose(pa.extra_loss(step)["align"].double().numpy(), want, rtol=1e-4)
+
+    ps = tuner("promptsync", bb, animals["names"], files)
+    cm, cv, cf = (x.double().numpy() for x in ps.protos_)
+    got = ps.extra_loss(step)
+    for b in range(2):
+        both = np.concatenate([lg0[b:b + 1].double().numpy(), lg[b].double().numpy()])
+        e = np.exp(both - both.max(1, keepdims=True))
+        p_bar = (e / e.sum(1, keepdims=True)).mean(0)
+        pooled = [h[b].reshape(n * t, -1) for h in L]
+        dist = [np.mean([0.5 * np.abs(x.mean(0) - cm[c, l]).mean()
+                         + 0.5 * np.abs(x.var(0) - cv[c, l]).mean()
+                         for l, x in enumerate(pooled)]) for c in range(k)]
+        assert got["align"][b].item() == pytest.approx(ps.beta * float(p_bar @ dist), rel=1e-4)
+        z = step.feats[b].double().numpy().mean(0)
+        z = z / np.linalg.norm(z)
+        sims = cf @ z / ps.tau
+        ce = -(sims[p_bar.argmax()] - sims.max() - np.log(np.exp(sims - sims.max()).sum()))
+        assert got["disc"][b].item() == pytest.approx(ps.disc * ce, rel=1e-4)
+
+
 # ------------------------------------------------------------ 5. other backbones
 
 @pytest.mark.parametrize("which", ["oc-vit", "hf-clip"])

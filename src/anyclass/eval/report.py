@@ -247,16 +247,22 @@ def _fewshot_average(stats, datasets, lb: str, s: int) -> Stat | None:
 
 def fewshot_table(results: list[dict], metric: str = "acc1") -> Table:
     """Rows dataset × method, columns shots; then one Average row per method (the mean over
-    datasets of the seed means)."""
+    datasets of the seed means). While a sweep is incomplete the Average takes only the
+    datasets where every method has all its shot counts, and says how many, so that methods
+    and shot counts are never averaged over different task sets."""
     stats, labels, datasets, shots = _fewshot_means(results, metric)
     rows = []
     for ds in datasets:
         for lb in labels:
             if (ds, lb) in stats:
                 rows.append(([_short(ds), lb], [stats[(ds, lb)].get(s) for s in shots]))
+    own = {lb: {s for (d, m), v in stats.items() if m == lb for s in v} for lb in labels}
+    complete = [d for d in datasets
+                if all(s in stats.get((d, lb), {}) for lb in labels for s in own[lb])]
+    name = "Average" if len(complete) == len(datasets) else \
+        f"Average ({len(complete)} of {len(datasets)} datasets with every cell)"
     for lb in labels:
-        rows.append((["Average", lb], [_fewshot_average(stats, datasets, lb, s)
-                                        for s in shots]))
+        rows.append(([name, lb], [_fewshot_average(stats, complete, lb, s) for s in shots]))
     return Table("fewshot", f"{PROTOCOL_TITLES['fewshot']} ({metric}, %)",
                  ["dataset", "method"], [f"{s}-shot" for s in shots], rows)
 
