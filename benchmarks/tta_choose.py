@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     val = load_dataset(a.dataset, "val")
     if a.classes:
         from anyclass.data.fewshot import subset_classes
-        keep = np.random.RandomState(a.seed).permutation(len(val.classnames))[:a.classes]
-        val = subset_classes(val, sorted(int(c) for c in keep))
+        from tta_world import class_subset
+        val = subset_classes(val, class_subset(len(val.classnames), a.classes, a.seed))
     pick = np.random.RandomState(a.seed).permutation(len(val))[:a.images]
     val = val.subset(sorted(int(i) for i in pick))
     init = str(world_source_prompts(bb, a.seed))

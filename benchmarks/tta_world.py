@@ -141,23 +141,21 @@ class World:
         return res
 
 
-def class_subset(n: int | None, seed: int) -> list[int] | None:
-    """A seeded random `n` of the source's classes (ImageNet-A/R style: a class subset of the
-    source task), or None for all."""
-    if not n:
-        return None
+def class_subset(k: int, n: int | None, seed: int) -> list[int] | None:
+    """A seeded random `n` of `k` class indices, sorted (ImageNet-A/R style: a class subset of
+    the source task), or None for all."""
     import numpy as np
-    from anyclass.data.sources import load_dataset
-    k = len(load_dataset(SOURCE, "test").classnames)
-    return sorted(int(c) for c in np.random.RandomState(seed).permutation(k)[:n])
+    return sorted(int(c) for c in np.random.RandomState(seed).permutation(k)[:n]) if n else None
 
 
 def dg(w: World, rows: dict, seeds: list[int], per_class: int, table: str = "dg",
        classes: int | None = None) -> None:
+    from anyclass.data.sources import load_dataset
     from anyclass.eval.protocols import shifted_domain_targets
     table = f"{table}-c{classes}" if classes else table
+    k = len(load_dataset(SOURCE, "test").classnames)
     for seed in seeds:
-        subset = class_subset(classes, seed)
+        subset = class_subset(k, classes, seed)
         for row, spec in rows.items():
             for d in shifted_domain_targets(SOURCE):
                 w.run(table, row, spec, d, seed, per_class, classes=subset)
