@@ -190,8 +190,10 @@ def b2n(w: World, seeds: list[int], per_class: int, states: Path) -> None:
 def report(out: Path) -> None:
     from collections import defaultdict
     rows: dict = defaultdict(lambda: defaultdict(list))
-    for p in sorted(out.glob("*/*/*.json")):
+    for p in sorted(out.glob("*/*/*.json")) + sorted(out.glob("b2n/*/*/*.json")):
         r = json.loads(p.read_text())
+        if r["table"] == "b2n":
+            continue
         rows[r["table"]][(r["row"], r["dataset"])].append(
             (100 * r["metrics"]["acc1"], r["tta"]["seconds_per_image"], r["seed"]))
     for table, cells in rows.items():
@@ -209,6 +211,42 @@ def report(out: Path) -> None:
                   + f" | {sum(got) / max(1, len(got)):.2f} | {sum(secs) / max(1, len(secs)):.3f} | "
                   + ",".join(map(str, seeds)) + " |")
         print()
+    b2n_report(out)
+
+
+def b2n_report(out: Path) -> None:
+    """Base / new / HM per task (rows) and method (columns); the mean row takes the HM of the
+    mean base and mean new accuracies, as the papers do."""
+    cells: dict = {}
+    for p in sorted(out.glob("b2n/*/*/*.json")):
+        r = json.loads(p.read_text())
+        task, part = r["dataset"].split(":")[1].split("/")
+        cells.setdefault(r["row"], {}).setdefault(task, {}).setdefault(part, []).append(100 * r["metrics"]["acc1"])
+    if not cells:
+        return
+    rows = list(B2N_ROWS)
+    tasks = sorted({t for m in cells.values() for t in m})
+    hm = lambda b, n: 2 * b * n / (b + n) if b + n else 0.0  # noqa: E731
+    print("## b2n\n\n| task | " + " | ".join(f"{m} B / N / HM" for m in rows) + " |\n|---|" + "---|" * len(rows))
+    means: dict = {m: ([], []) for m in rows}
+    for t in tasks:
+        line = []
+        for m in rows:
+            c = cells.get(m, {}).get(t, {})
+            if "base" in c and "new" in c:
+                b, n = (sum(c[k]) / len(c[k]) for k in ("base", "new"))
+                means[m][0].append(b)
+                means[m][1].append(n)
+                line.append(f"{b:.2f} / {n:.2f} / {hm(b, n):.2f}")
+            else:
+                line.append("–")
+        print(f"| {t} | " + " | ".join(line) + " |")
+    line = []
+    for m in rows:
+        bs, ns = means[m]
+        b, n = (sum(v) / max(1, len(v)) for v in (bs, ns))
+        line.append(f"**{b:.2f} / {n:.2f} / {hm(b, n):.2f}** ({len(bs)} tasks)")
+    print("| mean | " + " | ".join(line) + " |\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -676,6 +676,10 @@ def test_base_to_new_zero_shot_equals_an_independent_computation(bb, animals):
     assert f.train_classnames == [animals["names"][i] for i in base]
     res = {k: f.evaluate("world:animals", "test", classes=cls, progress=False)
            for k, cls in (("base", base), ("new", new))}
+    # back to the training classes after another class list: the classifier is refit again
+    # (it once kept the last list's classifier and scored with the wrong number of classes)
+    again = f.evaluate("world:animals", "test", classes=base, progress=False)
+    assert again["metrics"] == res["base"]["metrics"]
     test = animals["test"]
     feats = extract_features(bb, test, cache=False, progress=False)
     assert np.asarray(feats.valid).all()

@@ -74,24 +74,34 @@ class Fitted:
     estimator: object
     templates: str = "single"
     info: dict = field(default_factory=dict)
+    #: the classes a class-agnostic estimator's classifier currently holds (refit on change)
+    current_classnames: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.current_classnames = list(self.train_classnames)
 
     def evaluate(self, dataset: str, split: str = "test", classes: list[int] | None = None,
                  progress: bool = True) -> dict:
-        t0 = time.perf_counter()
         test = _split(dataset, split, classes)
         if len(test) == 0:
             raise AnyclassError(f"dataset {dataset!r} has no images in split {split!r}")
+        return self.evaluate_on(test, progress)
+
+    def evaluate_on(self, test: LabeledImages, progress: bool = True) -> dict:
+        """Score the images of `test` (e.g. a subsample of a split)."""
+        t0 = time.perf_counter()
         names = list(test.classnames)
         est = self.estimator
         if names != self.train_classnames and not est.transfers:
             raise AnyclassError(f"method {self.method!r} cannot score classes it was not trained "
-                                f"on ({dataset} has other classes than {self.info.get('train')})")
+                                f"on ({test.name} has other classes than {self.info.get('train')})")
         if getattr(est, "learns_in_backbone", False):
             logits, labels, _ = predict_images(est, self.backbone, test, progress)
         else:
-            if names != self.train_classnames:           # class-agnostic (zero-shot): refit
+            if names != self.current_classnames:         # class-agnostic (zero-shot): refit
                 W = build_text_classifier(self.backbone, names, _templates(self.templates, test))
                 est.fit(W)
+                self.current_classnames = names
             ts = featureset(extract_features(self.backbone, test, progress=progress), names)
             with torch.no_grad():
                 logits = est.predict_logits(ts.features.to(self.backbone.device)).cpu()

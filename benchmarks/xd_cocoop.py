@@ -1,0 +1,102 @@
+"""CoCoOp in the cross-dataset and DG tables (issue 10), at a cost 2 CPU cores can pay.
+
+CoCoOp conditions the context on each image, so every image (training or test) encodes all K
+class texts: K = 318 on `world:source`. The sweep's xd/dg tables leave it out (one 4-shot
+epoch ≈ 47 min, the 4 × 6,360 DG test images ≈ 9 h here). This script runs it reduced, and
+scores the sweep's other rows on exactly the same images, so the comparison is paired:
+
+- training: 4 shots of world:source, 1 epoch (the sweep's CoOp gets 5; CoCoOp's paper 10 at
+  16 shots), bfloat16 autocast, crop 0.5–1 (prompt_world.WORLD_SCHEDULE's departures);
+- cross-dataset: the full test split of each of the 21 other world tasks (K ≈ 8–40 there);
+- DG: a seeded `--per-class` images per class of the source test split and of each shifted
+  domain (2 per class: 636 of 6,360).
+Other rows: zero-shot, and the xd sweep's CoOp / MaPLe / APEX states (not retrained).
+
+    OMP_NUM_THREADS=1 python benchmarks/xd_cocoop.py [--per-class 2]
+        [--out runs/bench-prompt/xd_cocoop.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SOURCE = "world:source"
+DOMAINS = ["world:source", "world:source@sketch", "world:source@rendition", "world:source@v2",
+           "world:source@adversarial"]
+COCOOP = dict(epochs=1, amp=True, crop_scale=[0.5, 1.0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--per-class", type=int, default=2, help="DG: test images per class")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--states", type=Path, default=Path("runs/bench-prompt/states"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-prompt/xd_cocoop.json"))
+    a = ap.parse_args(argv)
+    from anyclass.backbones.factory import create_backbone
+    from anyclass.data.sources import load_dataset
+    from anyclass.eval.fitting import Fitted, fit_on
+    from anyclass.eval.protocols import world_downstream_targets
+    from anyclass.methods.prompted import load_prompts
+    from tta_world import subsample
+    bb = create_backbone("builtin")
+    names = list(load_dataset(SOURCE, "test").classnames)
+    res = json.loads(a.out.read_text()) if a.out.exists() else {}
+
+    def sweep_state(method: str) -> Fitted:
+        found = sorted((a.states / method / "world-source").glob(f"shots4-seed{a.seed}-*.safetensors"))
+        if not found:
+            raise SystemExit(f"no {method} xd state under {a.states}: run prompt_world.py xd first")
+        return Fitted(method, bb, names, load_prompts(found[-1], bb, names))
+
+    cocoop_state = a.states / "cocoop" / "world-source" / f"shots4-seed{a.seed}-e1.safetensors"
+    cocoop_state.parent.mkdir(parents=True, exist_ok=True)
+    rows = {
+        "zeroshot": lambda: fit_on("zeroshot", bb, SOURCE, shots=0, seed=a.seed, progress=False),
+        "coop": lambda: sweep_state("coop"),
+        "maple": lambda: sweep_state("maple"),
+        "apex": lambda: sweep_state("apex"),
+        "cocoop": lambda: fit_on("cocoop", bb, SOURCE, shots=4, seed=a.seed, hparams=COCOOP,
+                                 state_path=cocoop_state, progress=True),
+    }
+    tests = [(d, None) for d in world_downstream_targets()] + [(d, a.per_class) for d in DOMAINS]
+    for name, make in rows.items():
+        fitted = None
+        for d, per in tests:
+            key = d if per is None else f"{d} ({per}/class)"
+            if key in res.get(name, {}):
+                continue
+            fitted = fitted or make()
+            test = load_dataset(d, "test")
+            if per is not None:
+                test = subsample(test, per, a.seed)
+            r = fitted.evaluate_on(test, progress=False)
+            res.setdefault(name, {})[key] = {"acc1": round(100 * r["metrics"]["acc1"], 2),
+                                             "images": r["num_images"], "seconds": r["seconds"]}
+            print(f"{name:<9} {key:<40} {res[name][key]['acc1']:6.2f}  ({r['seconds']:.0f} s)", flush=True)
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(res, indent=1))
+    report(res)
+    return 0
+
+
+def report(res: dict) -> None:
+    keys = list(next(iter(res.values())).keys())
+    xd = [k for k in keys if "/class" not in k]
+    dg = [k for k in keys if "/class" in k]
+    for title, cols, shifted in (("cross-dataset (full test splits)", xd, xd),
+                                 ("DG (subsampled)", dg, dg[1:])):
+        print(f"\n{title}\n\n| method | " + " | ".join(c.split(":")[1] for c in cols)
+              + " | mean |\n|---|" + "---|" * (len(cols) + 1))
+        for m, r in res.items():
+            got = [r[c]["acc1"] for c in shifted if c in r]
+            print(f"| {m} | " + " | ".join(f"{r[c]['acc1']:.2f}" if c in r else "–" for c in cols)
+                  + f" | {sum(got) / max(1, len(got)):.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
