@@ -37,11 +37,12 @@ ROWS = {
     "maple+tpt": ("tpt", {}),
     "promptalign": ("promptalign", {}),
     "promptalign beta=0": ("promptalign", dict(beta=0.0)),
-    "promptsync": ("promptsync", {}),
-    "promptsync beta=0 disc=0": ("promptsync", dict(beta=0.0, disc=0.0)),
+    "promptsync lr=4e-2": ("promptsync", dict(lr=4e-2)),
+    "promptsync beta=0 disc=0 lr=4e-2": ("promptsync", dict(beta=0.0, disc=0.0, lr=4e-2)),
     "promptalign lr=5e-3": ("promptalign", dict(lr=5e-3)),
     "promptalign beta=0 lr=5e-3": ("promptalign", dict(beta=0.0, lr=5e-3)),
     "promptsync lr=5e-3": ("promptsync", dict(lr=5e-3)),
+    "promptsync beta=0 disc=0 lr=5e-3": ("promptsync", dict(beta=0.0, disc=0.0, lr=5e-3)),
 }
 
 
@@ -195,9 +196,11 @@ def report(out: dict) -> None:
         d, se, w, l = paired(r, base)
         ch = sum(p != q for p, q in zip(r["pred"], r["untuned"]))
         print(f"| {name} | {acc(r['pred'], r['label']):.2f} | {d:+.2f} ± {se:.2f} ({w} / {l}) | {ch} | {r['s_per_image']} |")
-    pairs = [("promptalign", "promptalign beta=0"), ("promptsync", "promptsync beta=0 disc=0"),
-             ("promptalign lr=5e-3", "promptalign beta=0 lr=5e-3"), ("promptalign", "maple+tpt"),
-             ("promptsync", "maple+tpt"), ("promptsync lr=5e-3", "maple+tpt"),
+    pairs = [("promptalign", "promptalign beta=0"),
+             ("promptsync lr=4e-2", "promptsync beta=0 disc=0 lr=4e-2"),
+             ("promptalign lr=5e-3", "promptalign beta=0 lr=5e-3"),
+             ("promptsync lr=5e-3", "promptsync beta=0 disc=0 lr=5e-3"), ("promptalign", "maple+tpt"),
+             ("promptsync lr=4e-2", "maple+tpt"), ("promptsync lr=5e-3", "maple+tpt"),
              ("promptalign beta=0", "promptalign beta=0 lr=5e-3")]
     print("\n| A vs B | diff ± SE | A-only / B-only correct | same prediction |\n|---|---|---|---|")
     for x, y in pairs:

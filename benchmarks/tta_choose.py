@@ -32,6 +32,12 @@ SETTINGS = {
     "promptsync β=10 λ=0": ("promptsync", dict(beta=10.0, disc=0.0)),
     "promptsync β=10 λ=0.1": ("promptsync", dict(beta=10.0, disc=0.1)),
     "promptsync β=1 λ=1": ("promptsync", dict(beta=1.0, disc=1.0)),
+    # the step size (benchmarks/align_probe.py: at lr 4e-2 one step flips ~half of the hard
+    # domain's predictions whatever the loss terms); TPT's 5e-3 and a middle value
+    "promptalign lr=5e-3": ("promptalign", dict(lr=5e-3)),
+    "promptsync lr=5e-3": ("promptsync", dict(lr=5e-3)),
+    "promptsync lr=1.5e-2": ("promptsync", dict(lr=1.5e-2)),
+    "promptalign β=0 lr=5e-3": ("promptalign", dict(beta=0.0, lr=5e-3)),
 }
 
 

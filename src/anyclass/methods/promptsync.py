@@ -8,8 +8,10 @@ gives the ideas, not the formulas; this is our construction (METHODS.md §4, doc
 
 μ_l, σ²_l pool the tokens entering vision block l over S *and* token positions, as the class
 prototypes μ̂_{l,c}, σ̂²_{l,c} do (methods/tta_stats.py); z̄_c is class c's mean source image
-feature. Both prompt branches are tuned (MaPLe's P_j and F_j). β = 10, λ = 0.1, τ = 0.1 were
-chosen on a val split (benchmarks/tta_choose.py; docs/benchmarks.md). Ablations: `class_aware=False`
+feature. Both prompt branches are tuned (MaPLe's P_j and F_j). β = 10, λ = 0.1, τ = 0.1 and
+AdamW lr 5e-3 (TPT's; PromptAlign's DG step 4e-2 flips about half of a hard domain's predictions
+whatever the loss, benchmarks/align_probe.py) were chosen on a val split
+(benchmarks/tta_choose.py; docs/benchmarks.md). Ablations: `class_aware=False`
 aligns to PromptAlign's class-agnostic statistics instead; `disc=0` drops L_disc; `steps`.
 """
 from __future__ import annotations
@@ -26,6 +28,8 @@ from .tta import Step
 
 @METHODS.register("promptsync")
 class PromptSync(PromptAlign):
+    defaults = dict(lr=5e-3)
+
     def __init__(self, init: str | None = None, stats: str | None = None, beta: float = 10.0,
                  layers: int = 3, disc: float = 0.1, tau: float = 0.1, class_aware: bool = True,
                  **common) -> None:
