@@ -49,6 +49,7 @@ ABLATION_ROWS = {
     "promptsync -class-aware": ("promptsync", "maple", dict(class_aware=False)),
     "promptsync -disc": ("promptsync", "maple", dict(disc=0.0)),
     "promptsync 3 steps": ("promptsync", "maple", dict(steps=3)),
+    "promptsync entropy only": ("promptsync", "maple", dict(beta=0.0, disc=0.0)),
     "promptalign": ("promptalign", "maple", {}),
     "promptalign beta=0": ("promptalign", "maple", dict(beta=0.0)),
     # the step size, both ways: PromptSync at PromptAlign's DG lr, PromptAlign at PromptSync's
