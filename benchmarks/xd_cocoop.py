@@ -6,14 +6,15 @@ epoch ≈ 47 min, the 4 × 6,360 DG test images ≈ 9 h here). This script runs 
 scores the sweep's other rows on exactly the same images, so the comparison is paired:
 
 - training: 4 shots of world:source, 1 epoch (the sweep's CoOp gets 5; CoCoOp's paper 10 at
-  16 shots), bfloat16 autocast, crop 0.5–1 (prompt_world.WORLD_SCHEDULE's departures);
+  16 shots), crop 0.5–1 (prompt_world.WORLD_SCHEDULE's departures); bfloat16 autocast only
+  with --amp (worth it only on CPUs with bf16 units: on AVX2 it is ~8x slower than float32);
 - cross-dataset: the full test split of each of the 21 other world tasks (K ≈ 8–40 there);
 - DG: a seeded `--per-class` images per class of the source test split and of each shifted
   domain (2 per class: 636 of 6,360).
 Other rows: zero-shot, and the xd sweep's CoOp / MaPLe / APEX states (not retrained).
 
     OMP_NUM_THREADS=1 python benchmarks/xd_cocoop.py [--per-class 2]
-        [--out runs/bench-prompt/xd_cocoop.json]
+        [--out runs/bench-prompt/xd_cocoop.json] [--rows zeroshot,cocoop]
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 SOURCE = "world:source"
 DOMAINS = ["world:source", "world:source@sketch", "world:source@rendition", "world:source@v2",
            "world:source@adversarial"]
-COCOOP = dict(epochs=1, amp=True, crop_scale=[0.5, 1.0])
+COCOOP = dict(epochs=1, crop_scale=[0.5, 1.0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--states", type=Path, default=Path("runs/bench-prompt/states"))
     ap.add_argument("--out", type=Path, default=Path("runs/bench-prompt/xd_cocoop.json"))
+    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast for CoCoOp")
+    ap.add_argument("--rows", default="zeroshot,coop,maple,apex,cocoop",
+                    help="comma-separated subset (coop/maple/apex need the xd sweep's states)")
     a = ap.parse_args(argv)
     from anyclass.backbones.factory import create_backbone
     from anyclass.data.sources import load_dataset
@@ -60,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         "coop": lambda: sweep_state("coop"),
         "maple": lambda: sweep_state("maple"),
         "apex": lambda: sweep_state("apex"),
-        "cocoop": lambda: fit_on("cocoop", bb, SOURCE, shots=4, seed=a.seed, hparams=COCOOP,
+        "cocoop": lambda: fit_on("cocoop", bb, SOURCE, shots=4, seed=a.seed, hparams={**COCOOP, "amp": a.amp},
                                  state_path=cocoop_state, progress=True),
     }
+    unknown = set(a.rows.split(",")) - set(rows)
+    if unknown:
+        raise SystemExit(f"unknown row(s) {sorted(unknown)}; choose from {list(rows)}")
+    rows = {k: v for k, v in rows.items() if k in a.rows.split(",")}
     tests = [(d, None) for d in world_downstream_targets()] + [(d, a.per_class) for d in DOMAINS]
     for name, make in rows.items():
         fitted = None

@@ -752,3 +752,23 @@ def test_bf16_autocast_on_cpu_only_when_asked(bb, animals, monkeypatch):
     assert torch.equal(b, c)
     assert not torch.equal(a, b)
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+
+
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_cpu_amp_warns_where_bf16_is_emulated(monkeypatch, bf16_units):
+    """On an AVX2-only CPU bf16 autocast is emulated (~8x slower than fp32, measured in
+    docs/benchmarks.md): amp=True says so once per call site; a CPU with bf16 units is quiet."""
+    import warnings
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_units)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert T.cpu_has_bf16() is bf16_units
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        T._autocast("cpu", True)
+        T._autocast("cpu", None)      # fp32 on the CPU: nothing to warn about
+        T._autocast("cpu", False)
+    msgs = [str(w.message) for w in got if issubclass(w.category, RuntimeWarning)]
+    if bf16_units:
+        assert msgs == []
+    else:
+        assert len(msgs) == 1 and "without bfloat16 units" in msgs[0] and "run without amp" in msgs[0]

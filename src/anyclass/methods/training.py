@@ -237,7 +237,18 @@ def _autocast(device: torch.device | str, amp: bool | None):
     with bf16 units it halves the text tower's cost), never with amp=False."""
     dev = torch.device(device)
     on = dev.type == "cuda" if amp is None else bool(amp)
+    if on and dev.type == "cpu" and not cpu_has_bf16():
+        warnings.warn("amp=True on a CPU without bfloat16 units (no AVX512-BF16/AMX): bf16 is "
+                      "emulated and ~8x slower than float32 here; run without amp",
+                      RuntimeWarning, stacklevel=3)
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (else autocast to bf16 is a slowdown)."""
+    cpu = torch.cpu
+    return any(bool(getattr(cpu, f, lambda: False)())
+               for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def fit_prompts(method, backbone, train: LabeledImages, val: LabeledImages | None,
