@@ -8,12 +8,13 @@ scores the sweep's other rows on exactly the same images, so the comparison is p
 - training: 4 shots of world:source, 1 epoch (the sweep's CoOp gets 5; CoCoOp's paper 10 at
   16 shots), crop 0.5–1 (prompt_world.WORLD_SCHEDULE's departures); bfloat16 autocast only
   with --amp (worth it only on CPUs with bf16 units: on AVX2 it is ~8x slower than float32);
-- cross-dataset: the full test split of each of the 21 other world tasks (K ≈ 8–40 there);
+- cross-dataset: the full test split of each of the 21 other world tasks (K ≈ 8–40 there), or
+  a seeded `--xd-per-class` images per class of it;
 - DG: a seeded `--per-class` images per class of the source test split and of each shifted
   domain (2 per class: 636 of 6,360).
 Other rows: zero-shot, and the xd sweep's CoOp / MaPLe / APEX states (not retrained).
 
-    OMP_NUM_THREADS=1 python benchmarks/xd_cocoop.py [--per-class 2]
+    OMP_NUM_THREADS=1 python benchmarks/xd_cocoop.py [--per-class 2] [--xd-per-class 8]
         [--out runs/bench-prompt/xd_cocoop.json] [--rows zeroshot,cocoop]
 """
 from __future__ import annotations
@@ -34,6 +35,8 @@ COCOOP = dict(epochs=1, crop_scale=[0.5, 1.0])
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=2, help="DG: test images per class")
+    ap.add_argument("--xd-per-class", type=int, default=None,
+                    help="cross-dataset: test images per class (default: the full test split)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--states", type=Path, default=Path("runs/bench-prompt/states"))
     ap.add_argument("--out", type=Path, default=Path("runs/bench-prompt/xd_cocoop.json"))
@@ -64,14 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         "coop": lambda: sweep_state("coop"),
         "maple": lambda: sweep_state("maple"),
         "apex": lambda: sweep_state("apex"),
-        "cocoop": lambda: fit_on("cocoop", bb, SOURCE, shots=4, seed=a.seed, hparams={**COCOOP, "amp": a.amp},
+        "cocoop": lambda: fit_on("cocoop", bb, SOURCE, shots=4, seed=a.seed,
+                                 hparams={**COCOOP, "amp": a.amp},
                                  state_path=cocoop_state, progress=True),
     }
     unknown = set(a.rows.split(",")) - set(rows)
     if unknown:
         raise SystemExit(f"unknown row(s) {sorted(unknown)}; choose from {list(rows)}")
     rows = {k: v for k, v in rows.items() if k in a.rows.split(",")}
-    tests = [(d, None) for d in world_downstream_targets()] + [(d, a.per_class) for d in DOMAINS]
+    tests = ([(d, a.xd_per_class) for d in world_downstream_targets()]
+             + [(d, a.per_class) for d in DOMAINS])
     for name, make in rows.items():
         fitted = None
         for d, per in tests:
@@ -94,10 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(res: dict) -> None:
     keys = list(next(iter(res.values())).keys())
-    xd = [k for k in keys if "/class" not in k]
-    dg = [k for k in keys if "/class" in k]
-    for title, cols, shifted in (("cross-dataset (full test splits)", xd, xd),
-                                 ("DG (subsampled)", dg, dg[1:])):
+    dg = [k for k in keys if k.startswith(SOURCE)]
+    xd = [k for k in keys if k not in dg]
+    for title, cols, shifted in (("cross-dataset", xd, xd), ("DG", dg, dg[1:])):
         print(f"\n{title}\n\n| method | " + " | ".join(c.split(":")[1] for c in cols)
               + " | mean |\n|---|" + "---|" * (len(cols) + 1))
         for m, r in res.items():
