@@ -234,7 +234,7 @@ def b2n_report(out: Path) -> None:
         return
     rows = list(B2N_ROWS)
     tasks = sorted({t for m in cells.values() for t in m})
-    hm = lambda b, n: 2 * b * n / (b + n) if b + n else 0.0  # noqa: E731
+    from anyclass.eval.sweep import harmonic_mean as hm
     print("## b2n\n\n| task | " + " | ".join(f"{m} B / N / HM" for m in rows) + " |\n|---|" + "---|" * len(rows))
     means: dict = {m: ([], []) for m in rows}
     for t in tasks:

@@ -75,7 +75,7 @@ class Fitted:
     templates: str = "single"
     info: dict = field(default_factory=dict)
     #: the classes a class-agnostic estimator's classifier currently holds (refit on change)
-    current_classnames: list[str] | None = None
+    current_classnames: list[str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.current_classnames = list(self.train_classnames)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AnyclassError
+from .sweep import harmonic_mean
 
 
 def results_table(results: list[dict], metric: str = "acc1") -> str:
@@ -208,23 +209,19 @@ def base2new_table(results: list[dict], metric: str = "acc1") -> Table:
             b = [r["metrics"][f"base_{metric}"] for r in g]
             n = [r["metrics"][f"new_{metric}"] for r in g]
             sb, sn = Stat.of(b), Stat.of(n)
-            sh = Stat.of([_hm(x, y) for x, y in zip(b, n)])
-            vals += [sb, sn, Stat(_hm(sb.mean, sn.mean), sh.std, sh.n)]
+            sh = Stat.of([harmonic_mean(x, y) for x, y in zip(b, n)])
+            vals += [sb, sn, Stat(harmonic_mean(sb.mean, sn.mean), sh.std, sh.n)]
             sums[lb].append((sb.mean, sn.mean))
         rows.append(([_short(ds)], vals))
     avg: list[Stat | None] = []
     for lb in labels:
         mb = sum(b for b, _ in sums[lb]) / len(sums[lb])
         mn = sum(n for _, n in sums[lb]) / len(sums[lb])
-        avg += [Stat(mb), Stat(mn), Stat(_hm(mb, mn))]
+        avg += [Stat(mb), Stat(mn), Stat(harmonic_mean(mb, mn))]
     rows.append((["Average"], avg))
     cols = [f"{lb} {x}" for lb in labels for x in ("Base", "New", "HM")]
     return Table("base2new", f"{PROTOCOL_TITLES['base2new']} ({metric}, %)", ["dataset"],
                  cols, rows)
-
-
-def _hm(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a > 0 and b > 0 else 0.0
 
 
 def _fewshot_means(results: list[dict], metric: str):
