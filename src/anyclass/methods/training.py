@@ -239,7 +239,7 @@ def _autocast(device: torch.device | str, amp: bool | None):
     on = dev.type == "cuda" if amp is None else bool(amp)
     if on and dev.type == "cpu" and not cpu_has_bf16():
         warnings.warn("amp=True on a CPU without bfloat16 units (no AVX512-BF16/AMX): bf16 is "
-                      "emulated and ~8x slower than float32 here; run without amp",
+                      "emulated and 6-9x slower than float32 here; run without amp",
                       RuntimeWarning, stacklevel=3)
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
 
