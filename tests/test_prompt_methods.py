@@ -346,6 +346,27 @@ def test_interrupted_fit_resumes_from_its_checkpoint(bb, animals, vpt_two_epochs
     assert calls["train"] == 2 * STEPS
 
 
+def test_fit_interrupted_inside_an_epoch_resumes_at_that_step(bb, animals, vpt_two_epochs, tmp_path):
+    ckpt = tmp_path / "vpt.ckpt"
+    m = make("vpt", **LOOP)
+    counting(m, fail_after=STEPS + 2, how="interrupt")     # dies at epoch 2, step 3
+    with pytest.raises(KeyboardInterrupt):
+        m.fit(bb, animals["train"], animals["val"], checkpoint=ckpt, progress=False,
+              checkpoint_every=0.0)                         # a checkpoint after every step
+    sd, meta = T.load_checkpoint(ckpt)
+    assert (meta["progress"]["epoch"], meta["progress"]["step"]) == (1, 2)
+    assert sorted(sd["rng.perm"].tolist()) == list(range(len(animals["train"])))
+    again = make("vpt", **LOOP)
+    calls = counting(again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again.fit(bb, animals["train"], animals["val"], checkpoint=ckpt, progress=False)
+    assert calls["train"] == STEPS - 2, "only the epoch's remaining steps are run"
+    ref = vpt_two_epochs                                    # bit-identical to no interruption
+    assert all(torch.equal(v, ref.module_.state_dict()[k]) for k, v in again.module_.state_dict().items())
+    assert again.history_ == ref.history_ and again.chosen_ == ref.chosen_
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
         bb, animals, vpt_two_epochs, tmp_path):
     ckpt = tmp_path / "vpt.ckpt"
@@ -383,12 +404,16 @@ def test_chosen_epoch_is_the_argmax_of_val_accuracy_and_its_state(bb, animals, m
     assert m.chosen_ == {"epoch": 2, "val_acc1": 0.5, "select": "val"}      # first best
     assert all(torch.equal(v, snapshots[1][k]) for k, v in state(m.module_).items())
     assert not torch.equal(snapshots[1]["prompts.0"], snapshots[3]["prompts.0"])
-    # select="last" keeps the last epoch whatever val says
-    scores = iter([0.9, 0.1])
+    # select="last" keeps the last epoch, and scores no val (it has nothing to choose)
+    scores = iter([0.1, 0.9])
+    snapshots.clear()
+    by_val = make("vpt", **LOOP).fit(bb, animals["train"], animals["val"], progress=False)
+    assert by_val.chosen_["epoch"] == 2 and len(snapshots) == 2
     snapshots.clear()
     m = make("vpt", **{**LOOP, "select": "last"}).fit(bb, animals["train"], animals["val"], progress=False)
-    assert m.chosen_["epoch"] == 2
-    assert all(torch.equal(v, snapshots[1][k]) for k, v in state(m.module_).items())
+    assert m.chosen_ == {"epoch": 2, "val_acc1": None, "select": "last"} and snapshots == []
+    assert all("val_acc1" not in h for h in m.history_) and m.recipe_["val_images"] == 0
+    assert all(torch.equal(v, by_val.module_.state_dict()[k]) for k, v in state(m.module_).items())
 
 
 def test_real_val_selection_matches_history(bb, animals):

@@ -65,10 +65,13 @@ class PromptMethod(FeatureMethod):
 
     # --------------------------------------------------------------- the estimator
     def fit(self, backbone, train, val=None, *, checkpoint: str | Path | None = None,
-            progress: bool = True) -> "PromptMethod":
-        """Learn `module_` on `train` (LabeledImages) choosing the epoch on `val`."""
-        from .training import fit_prompts
-        return fit_prompts(self, backbone, train, val, checkpoint=checkpoint, progress=progress)
+            progress: bool = True, checkpoint_every: float | None = None) -> "PromptMethod":
+        """Learn `module_` on `train` (LabeledImages) choosing the epoch on `val`;
+        `checkpoint_every`: seconds between checkpoints inside an epoch (default 300)."""
+        from .training import CHECKPOINT_EVERY_S, fit_prompts
+        return fit_prompts(self, backbone, train, val, checkpoint=checkpoint, progress=progress,
+                           checkpoint_every=CHECKPOINT_EVERY_S if checkpoint_every is None
+                           else checkpoint_every)
 
     def prepare(self, backbone, classnames: Sequence[str]) -> None:
         """Fresh module for `classnames` on `backbone` (the loop calls it before training)."""

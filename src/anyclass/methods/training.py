@@ -8,8 +8,10 @@ this loop supplies what CoOp-style code spreads over a framework —
 - the paper's optimiser (SGD / Adadelta / AdamW) with a constant warm-up epoch then cosine;
 - AMP (bfloat16) and pinned host memory on CUDA; deterministic fp32 on CPU unless
   amp=True asks for bfloat16 there too;
-- the learned parameters checkpointed atomically after every epoch, with the optimiser and
-  generator state, so an interrupted fit resumes where it stopped;
+- the learned parameters checkpointed atomically after every epoch and, inside a long epoch,
+  every `checkpoint_every` seconds (with the epoch's data order and the step reached), with
+  the optimiser and generator state, so an interrupted fit resumes at the step it stopped at
+  and ends bit-identical to an uninterrupted one;
 - the epoch (or the early stop) chosen on val accuracy, never on test; a NaN loss stops
   with a clear error and leaves the last good checkpoint in place.
 """
@@ -170,9 +172,13 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(path: Path, module: torch.nn.Module, opt: torch.optim.Optimizer,
-                    gen: torch.Generator, best: dict | None, progress: dict) -> None:
+                    gen: torch.Generator, best: dict | None, progress: dict,
+                    perm: torch.Tensor | None = None) -> None:
+    """`perm`: the data order of an epoch saved part-way (progress["step"] steps done)."""
     from safetensors.torch import save_file
     sd = {f"module.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    if perm is not None:
+        sd["rng.perm"] = perm.contiguous()
     if best is not None:
         sd.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best["state"].items()})
     ot, ometa = _flatten_optimizer(opt.state_dict())
@@ -251,8 +257,13 @@ def cpu_has_bf16() -> bool:
                for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+#: seconds between checkpoints inside an epoch (a one-epoch CoCoOp fit on the CPU is an hour)
+CHECKPOINT_EVERY_S = 300.0
+
+
 def fit_prompts(method, backbone, train: LabeledImages, val: LabeledImages | None,
-                checkpoint: str | Path | None = None, progress: bool = True):
+                checkpoint: str | Path | None = None, progress: bool = True,
+                checkpoint_every: float = CHECKPOINT_EVERY_S):
     """Fit `method.module_` (see the module docstring); returns `method`."""
     names = list(train.classnames)
     if len(train) == 0:
@@ -272,7 +283,8 @@ def fit_prompts(method, backbone, train: LabeledImages, val: LabeledImages | Non
     module = method.module_
     params = [p for p in module.parameters() if p.requires_grad]
     x, y = load_images(backbone, train, progress=progress)
-    xv, yv = load_images(backbone, val_ds, progress=progress) if val_ds is not None else (None, None)
+    xv, yv = (load_images(backbone, val_ds, progress=progress) if val_ds is not None
+              and method.select == "val" else (None, None))
     if device.type == "cuda":
         x = x.pin_memory()
     opt = make_optimizer(method.optimizer, params, method.lr, method.momentum, method.weight_decay)
@@ -280,6 +292,7 @@ def fit_prompts(method, backbone, train: LabeledImages, val: LabeledImages | Non
     ckpt = Path(checkpoint) if checkpoint else None
     key = fit_key(method, backbone, train, val_ds)
     start, best, history = 0, None, []
+    step0, total0, perm0 = 0, 0.0, None        # an epoch checkpointed part-way
     if ckpt is not None and ckpt.exists():
         try:
             sd, meta = load_checkpoint(ckpt)
@@ -288,6 +301,9 @@ def fit_prompts(method, backbone, train: LabeledImages, val: LabeledImages | Non
                 opt.load_state_dict(_unflatten_optimizer(_split(sd, "opt"), meta["optimizer"]))
                 gen.set_state(sd["rng.gen"])
                 start, history = meta["progress"]["epoch"], meta["progress"]["history"]
+                if meta["progress"].get("step"):
+                    step0, total0 = meta["progress"]["step"], meta["progress"]["loss_sum"]
+                    perm0 = sd["rng.perm"]
                 if meta["best"]:
                     best = {**meta["best"], "state": _split(sd, "best")}
             else:
@@ -300,18 +316,22 @@ def fit_prompts(method, backbone, train: LabeledImages, val: LabeledImages | Non
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=(method.epochs - start) * steps, desc=f"fit {method.registry_name()}",
-                   unit="step", leave=False)
+        bar = tqdm(total=(method.epochs - start) * steps - step0,
+                   desc=f"fit {method.registry_name()}", unit="step", leave=False)
     t0, seen = time.perf_counter(), 0
-    stale = 0
+    stale, saved_at, last_good = 0, time.perf_counter(), "none saved"
+    if start or step0:
+        last_good = f"{ckpt} (epoch {start}" + (f", step {step0})" if step0 else ")")
     for epoch in range(start, method.epochs):
         lr = epoch_lr(epoch, method.lr, method.epochs, method.warmup_epochs, method.warmup_lr)
         for g in opt.param_groups:
             g["lr"] = lr
         module.train()
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for s in range(steps):
+        if perm0 is not None:               # resume inside this epoch: same order, same draws
+            perm, total, first, perm0 = perm0, total0, step0, None
+        else:
+            perm, total, first = torch.randperm(n, generator=gen), 0.0, 0
+        for s in range(first, steps):
             idx = perm[s * bs:(s + 1) * bs]
             xb = augment(x[idx].to(device, non_blocking=True), gen, method.crop_scale)
             yb = y[idx].to(device)
@@ -320,10 +340,9 @@ def fit_prompts(method, backbone, train: LabeledImages, val: LabeledImages | Non
                 logits = method.forward(backbone, xb, classes)
             loss = F.cross_entropy(logits.float(), yb)
             if not torch.isfinite(loss):
-                where = f"{ckpt} (epoch {start})" if ckpt is not None and start else "none saved"
                 raise NaNLossError(f"the loss became {loss.item()} at epoch {epoch + 1} step "
                                    f"{s + 1}: lower the learning rate (lr={method.lr}); last good "
-                                   f"checkpoint: {where}")
+                                   f"checkpoint: {last_good}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -332,9 +351,14 @@ def fit_prompts(method, backbone, train: LabeledImages, val: LabeledImages | Non
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", ips=f"{seen / (time.perf_counter() - t0):.0f}")
+            if ckpt is not None and s + 1 < steps and time.perf_counter() - saved_at >= checkpoint_every:
+                save_checkpoint(ckpt, module, opt, gen, best,
+                                {"key": key, "epoch": epoch, "history": history, "step": s + 1,
+                                 "loss_sum": total}, perm=perm)
+                saved_at, last_good = time.perf_counter(), f"{ckpt} (epoch {epoch}, step {s + 1})"
         module.eval()
         rec = {"epoch": epoch + 1, "loss": total / n, "lr": lr}
-        if xv is not None:
+        if xv is not None:                    # only with select="val": "last" chooses nothing
             rec["val_acc1"] = accuracy(method, backbone, xv, yv, names)
         history.append(rec)
         improved = best is None or (method.select == "val" and rec["val_acc1"] > best["val_acc1"]) \
@@ -349,6 +373,7 @@ def fit_prompts(method, backbone, train: LabeledImages, val: LabeledImages | Non
         if ckpt is not None:
             save_checkpoint(ckpt, module, opt, gen, best,
                             {"key": key, "epoch": epoch + 1, "history": history})
+            saved_at, last_good = time.perf_counter(), f"{ckpt} (epoch {epoch + 1})"
         if method.patience is not None and stale >= int(method.patience):
             break
     if bar is not None:
