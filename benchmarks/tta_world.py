@@ -29,10 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+from anyclass.methods.training import bf16_pays
+
 SOURCE = "world:source"
 SHOTS = 16
 #: CoOp on world:source: the cross-dataset schedule of benchmarks/prompt_world.py
-COOP = dict(epochs=5, amp=True, crop_scale=[0.5, 1.0])
+#: (amp: bf16 only where it pays, see methods/training.bf16_pays)
+COOP = dict(epochs=5, amp=bf16_pays(), crop_scale=[0.5, 1.0])
 #: row -> (method, starting prompts, hyperparameters); "coop"/"maple" = the source-trained files
 DG_ROWS = {
     "zeroshot": ("tpt", None, dict(steps=0)),

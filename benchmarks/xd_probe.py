@@ -24,9 +24,10 @@ from anyclass.backbones.factory import create_backbone
 from anyclass.eval.fitting import Fitted, fit_on
 from anyclass.eval.tta import world_source_prompts
 from anyclass.methods.prompted import load_prompts, read_prompt_file
+from anyclass.methods.training import bf16_pays
 
 DOMAINS = ["", "@sketch", "@rendition", "@v2", "@adversarial"]
-XD = dict(epochs=5, amp=True, crop_scale=[0.5, 1.0])      # the xd table's CoOp schedule
+XD = dict(epochs=5, amp=bf16_pays(), crop_scale=[0.5, 1.0])      # the xd table's CoOp schedule
 
 
 def scores(fitted: Fitted) -> dict[str, float]:

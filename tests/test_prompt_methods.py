@@ -797,3 +797,25 @@ def test_cpu_amp_warns_where_bf16_is_emulated(monkeypatch, bf16_units):
         assert msgs == []
     else:
         assert len(msgs) == 1 and "without bfloat16 units" in msgs[0] and "run without amp" in msgs[0]
+
+
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_recipes_ask_for_bf16_only_where_it_pays(monkeypatch, tmp_path, bf16_units):
+    """The world's source MaPLe recipe trains in bf16 on CUDA or a CPU with bf16 units and in
+    fp32 elsewhere, and the precision is part of its cache key."""
+    import anyclass.eval.fitting as Fi
+    import anyclass.eval.tta as E
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_units)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert T.bf16_pays("cpu") is bf16_units and T.bf16_pays("cuda") is True
+    monkeypatch.setattr(E, "_home", lambda: tmp_path)
+    asked = []
+    monkeypatch.setattr(Fi, "fit_on", lambda *a, hparams, **k: asked.append(hparams))
+
+    class CpuBackbone:
+        device, weights_hash, identity = "cpu", "h", "builtin"
+    path = E.world_source_prompts(CpuBackbone(), seed=1, progress=False)
+    assert asked[0]["amp"] is bf16_units and "amp" not in E.WORLD_MAPLE
+    other = E.world_source_prompts(CpuBackbone(), seed=1, recipe={**E.WORLD_MAPLE, "amp": not bf16_units},
+                                   progress=False)
+    assert other != path and asked[1]["amp"] is (not bf16_units)

@@ -26,7 +26,8 @@ from .metrics import classification_metrics
 #: ImageNet-like source), with the world's departures of the cross-dataset protocol (bigger
 #: steps with a linearly scaled lr, bfloat16, 0.5–1 crops: docs/benchmarks.md)
 WORLD_SOURCE = "world:source"
-WORLD_MAPLE = dict(depth=3, epochs=2, batch_size=32, lr=0.0035 * 8, amp=True, crop_scale=[0.5, 1.0])
+#: amp: bf16 where it pays (`bf16_pays`), decided per machine when the prompts are trained
+WORLD_MAPLE = dict(depth=3, epochs=2, batch_size=32, lr=0.0035 * 8, crop_scale=[0.5, 1.0])
 WORLD_SHOTS = 16
 
 
@@ -43,7 +44,9 @@ def world_source_prompts(backbone, seed: int = 1, recipe: dict | None = None,
                          progress: bool = True) -> Path:
     """MaPLe trained on world:source (cached per backbone, seed and recipe)."""
     from .fitting import fit_on
+    from ..methods.training import bf16_pays
     recipe = dict(WORLD_MAPLE if recipe is None else recipe)
+    recipe.setdefault("amp", bf16_pays(backbone.device))
     key = hashlib.sha256(json.dumps([backbone.weights_hash, seed, recipe, WORLD_SHOTS],
                                     sort_keys=True).encode()).hexdigest()[:12]
     path = _home() / _slug(backbone.identity) / f"maple-source-s{seed}-{key}.safetensors"

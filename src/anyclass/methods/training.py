@@ -250,6 +250,15 @@ def _autocast(device: torch.device | str, amp: bool | None):
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
 
 
+def bf16_pays(device: torch.device | str | None = None) -> bool:
+    """Whether bfloat16 autocast speeds `device` (default: CUDA if present, else the CPU) up:
+    CUDA, or a CPU with bf16 units. Recipes that want bf16 wherever it pays set
+    amp=bf16_pays(device), and key their caches on the result."""
+    dev = torch.device(device if device is not None else
+                       "cuda" if torch.cuda.is_available() else "cpu")
+    return dev.type == "cuda" or (dev.type == "cpu" and cpu_has_bf16())
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (else autocast to bf16 is a slowdown)."""
     cpu = torch.cpu
