@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                     "this many source classes (as ImageNet-A/R test 200 of ImageNet's 1,000); "
                     "results go to the table <dg|ablation>-c<N>")
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast on the CPU too "
-                    "(halves the text tower's cost; recorded in each result's hparams)")
+                    "(halves the text tower's cost on a CPU with bf16 units, 6-9x slower "
+                    "without; recorded in each result's hparams)")
     ap.add_argument("--out", type=Path, default=Path("runs/tta-world"))
     ap.add_argument("--states", type=Path, default=Path("runs/bench-prompt/states"),
                     help="b2n: the issue-10 sweep's learned states")
