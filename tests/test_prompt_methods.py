@@ -819,3 +819,16 @@ def test_recipes_ask_for_bf16_only_where_it_pays(monkeypatch, tmp_path, bf16_uni
     other = E.world_source_prompts(CpuBackbone(), seed=1, recipe={**E.WORLD_MAPLE, "amp": not bf16_units},
                                    progress=False)
     assert other != path and asked[1]["amp"] is (not bf16_units)
+
+
+def test_a_fit_that_would_never_leave_its_warm_up_is_refused(bb, animals):
+    """epochs <= warmup_epochs trains only at warmup_lr (1e-5): an hour-long CoCoOp fit that
+    learns nothing. Refused before any image is read."""
+    m = create_method("cocoop", epochs=1)                  # the paper's warm-up epoch: 1
+    with pytest.raises(AnyclassError, match=r"epochs=1 <= warmup_epochs=1: every epoch would run "
+                                            r"at warmup_lr=1e-05, never at lr=0.002; set warmup_epochs=0"):
+        m.fit(bb, animals["train"], animals["val"], progress=False)
+    assert not hasattr(m, "history_")
+    m = make("coop", epochs=1, warmup_epochs=0)             # warm-up off: one epoch at lr
+    m.fit(bb, animals["train"], animals["val"], progress=False)
+    assert m.history_[0]["lr"] == m.lr

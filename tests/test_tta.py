@@ -335,7 +335,7 @@ def test_eval_and_cli_on_the_world_with_no_further_flags(mini_world, monkeypatch
     and a decoding failure mid-run is warned about, skipped and counted."""
     import anyclass.eval.tta as E
     from anyclass.cli.main import main
-    monkeypatch.setattr(E, "WORLD_MAPLE", dict(depth=3, epochs=1, batch_size=32, lr=0.02,
+    monkeypatch.setattr(E, "WORLD_MAPLE", dict(depth=3, epochs=1, warmup_epochs=0, batch_size=32, lr=0.02,
                                                crop_scale=[0.5, 1.0], select="last"))
     monkeypatch.setattr(E, "_home", lambda: tmp_path / "tta")
     out = tmp_path / "r.json"

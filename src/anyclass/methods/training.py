@@ -284,6 +284,10 @@ def fit_prompts(method, backbone, train: LabeledImages, val: LabeledImages | Non
     if method.select == "val" and val_ds is None:
         raise AnyclassError(f"{train.name}: the val split is empty, but the epoch must be chosen "
                             f"on val (pass a val split, or select='last')")
+    if int(method.epochs) <= int(method.warmup_epochs):
+        raise AnyclassError(f"epochs={method.epochs} <= warmup_epochs={method.warmup_epochs}: every "
+                            f"epoch would run at warmup_lr={method.warmup_lr}, never at "
+                            f"lr={method.lr}; set warmup_epochs=0 or train more epochs")
     if method.select not in ("val", "last"):
         raise AnyclassError(f"select must be 'val' or 'last', got {method.select!r}")
     device = torch.device(backbone.device)
