@@ -351,6 +351,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 512)
     return float((pred == y).float().mean())
 
 
+@torch.enable_grad()   # callers may be under no_grad: the adversarial filter trains its expert on first use
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, r: ExpertRecipe, gen: torch.Generator,
          progress: bool) -> list[float]:
     """AdamW, linear warm-up then cosine, label smoothing 0.1, random scale/shift (no flips:
