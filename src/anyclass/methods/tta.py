@@ -14,7 +14,9 @@ from a generator seeded by (seed, the image's pixels), so its result does not de
 batch size, the order or its neighbours (tested against `tune_reference`, the one-image loop
 of the reference code). Where θ cannot change the image features (text-only tuning) the V view
 features are encoded once; where it can, the views outside S are encoded once without
-gradients (they only choose S) and the steps run on S ∪ {x_0}.
+gradients (they only choose S) and the steps run on S ∪ {x_0}. At the first step every image's
+θ is θ_0, so the K class texts are encoded once for the batch and each image's gradient is
+pulled back through that one graph (`shared_vjp`): one text forward instead of B.
 
 A non-finite loss or prediction for one image falls back to that image's untuned prediction
 and is counted; the batch goes on.
@@ -126,6 +128,24 @@ def vision_prompts(init: PromptInit, p: dict[str, torch.Tensor]) -> list[torch.T
     src = [p["ctx"], *[p[f"deep{j}"] for j in range(len(init.deep))]]
     return [torch.baddbmm(p[f"cb{j}"].unsqueeze(1), src[j], p[f"cw{j}"].transpose(1, 2))
             for j in range(len(init.couple))]
+
+
+def shared_vjp(t0: torch.Tensor, leaves: dict[str, torch.Tensor], cot: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+    """Per-image gradients ∂L_b/∂θ = J(θ_0)ᵀ · ∂L_b/∂t_b from one shared forward t0 = t(θ_0)
+    [1, K, D] and B cotangents `cot` [B, K, D]: the B images' first step costs one text
+    forward instead of B (the Jacobian is the same for all of them). Exact, whichever way the
+    backward runs: batched (vmap) where the encoder's ops allow it, else one pass per image."""
+    names = [k for k, v in leaves.items() if v.requires_grad]
+    xs = [leaves[k] for k in names]
+    cot = cot.to(t0.dtype)[:, None]                                       # [B, 1, K, D]
+    try:
+        gs = torch.autograd.grad(t0, xs, grad_outputs=cot, retain_graph=True, is_grads_batched=True)
+        gs = [g[:, 0] for g in gs]
+    except RuntimeError:                       # an op without a batching rule
+        per = [torch.autograd.grad(t0, xs, grad_outputs=c, retain_graph=True) for c in cot]
+        gs = [torch.cat([g[i] for g in per]) for i in range(len(xs))]
+    return dict(zip(names, gs))
 
 
 # ------------------------------------------------------------------------------------ views
@@ -320,13 +340,18 @@ class TestTimeMethod(FeatureMethod):
             f_all = image_features(backbone, flat, vp0).view(b, v, -1)
         sel = None
         untuned = None
+        shared = None
         for step in range(max(self.steps, 1)):
             with _autocast(dev, self.amp):
-                if self.steps:
+                if step == 0:                   # θ_0 is every image's: its K texts once
+                    shared = {k: v[:1].detach().requires_grad_(bool(self.steps))
+                              for k, v in p.items() if k == "ctx" or k.startswith("deep")}
+                    t0 = text_features(backbone, init, shared, names)      # [1, K, D]
+                    t = t0.detach().expand(b, -1, -1)
+                    if self.steps:              # each image's ∂L/∂t, pulled back through t0 below
+                        t = t.clone().requires_grad_()
+                else:
                     t = text_features(backbone, init, p, names)             # [B, K, D]
-                else:                           # no step: θ_0 is every image's, encode once
-                    t = text_features(backbone, init, {k: v[:1] for k, v in p.items()},
-                                      names).expand(b, -1, -1)
                 if step == 0:
                     with torch.no_grad():
                         logits_all = s * torch.einsum("bvd,bkd->bvk", f_all, t) + bias
@@ -351,6 +376,11 @@ class TestTimeMethod(FeatureMethod):
             bad |= ~torch.isfinite(loss)
             opt.zero_grad(set_to_none=False)
             torch.where(bad, torch.zeros_like(loss), loss).sum().backward()
+            if step == 0:
+                t.grad[bad] = 0
+                for k, g in shared_vjp(t0, shared, t.grad).items():
+                    p[k].grad = g if p[k].grad is None else p[k].grad + g
+                t0 = shared = None                      # free the shared graph
             for t_ in tuned:                                    # a bad image moves nothing
                 t_.grad[bad] = 0
             opt.step()
