@@ -360,6 +360,19 @@ def test_promptsync_runs_on_open_clip_and_hf(which, tiny, synthetic, tmp_path):
 
 # ------------------------------------------------------------ 6. eval and CLI
 
+@pytest.mark.parametrize("dataset,given,want", [
+    ("world:animals", None, True), ("world:animals@sketch", None, True),
+    ("world:source", None, False), ("world:source@rendition", None, False),
+    ("world:animals", False, False), ("world:source@v2", True, True)])
+def test_augmix_follows_tpts_protocol_unless_set(dataset, given, want, bb):
+    """TPT augments its fine-grained sets, not ImageNet or its variants; an explicit value wins."""
+    from anyclass.eval.tta import world_defaults
+    m = create_method("tpt", **({} if given is None else dict(augmix=given)))
+    assert m.augmix is given
+    world_defaults(m, dataset, bb, ["cat", "dog"], 1, progress=False)
+    assert m.augmix is want
+
+
 def test_eval_and_cli_on_the_world_with_no_further_flags(mini_world, monkeypatch, tmp_path, capsys):
     """`anyclass eval --method promptsync` builds and caches the source MaPLe and statistics,
     and a decoding failure mid-run is warned about, skipped and counted."""

@@ -5,7 +5,9 @@ On the offline world the methods need no flags: a method that tunes MaPLe's prom
 given none starts from MaPLe trained on `world:source` (16 shots, built on first use and
 cached), and one that aligns statistics and is given none gets them computed once and cached:
 from `world:source` when it has every class of the task, else from images of the task's class
-names retrieved from the world's pool (a SuS-style proxy source).
+names retrieved from the world's pool (a SuS-style proxy source). AugMix on the views follows
+TPT's protocol unless the user sets it: off on `world:source` and its shifted domains (its
+ImageNet and ImageNet variants), on for every other task (its fine-grained sets).
 """
 from __future__ import annotations
 
@@ -87,10 +89,12 @@ def ensure_stats(backbone, init, classnames: list[str], layers: int, source: str
 
 def world_defaults(method, dataset: str, backbone, classnames: list[str], seed: int,
                    progress: bool = True) -> None:
-    """Fill in `init` / `stats` for a world dataset (module docstring)."""
+    """Fill in `init` / `stats` / `augmix` for a world dataset (module docstring)."""
     from ..methods.tta import prompt_init
     if not dataset.startswith("world:"):
         return
+    if method.augmix is None:             # TPT's rule: AugMix on fine-grained sets, not ImageNet's
+        method.augmix = dataset.split("@")[0] != WORLD_SOURCE
     if method.tunes_vision and method.init is None:
         method.init = str(world_source_prompts(backbone, seed, progress=progress))
     if "stats" in method.get_params() and method.stats is None:

@@ -238,9 +238,12 @@ class Step:
 
 # ------------------------------------------------------------------------ the method contract
 
-#: hyperparameters every test-time method takes (TPT's values; a method overrides `defaults`)
+#: hyperparameters every test-time method takes (TPT's values; a method overrides `defaults`).
+#: augmix None: the protocol decides — TPT augments fine-grained sets, not ImageNet's variants;
+#: on the world, every task but world:source and its shifted domains (eval/tta.world_defaults);
+#: elsewhere off unless asked
 TTA_COMMON = dict(steps=1, lr=5e-3, weight_decay=0.01, n_views=64, ratio=0.1,
-                  crop_scale=(0.08, 1.0), augmix=False, seed=1, batch_size=None, amp=None)
+                  crop_scale=(0.08, 1.0), augmix=None, seed=1, batch_size=None, amp=None)
 
 
 class TestTimeMethod(FeatureMethod):
