@@ -360,14 +360,18 @@ def test_promptsync_runs_on_open_clip_and_hf(which, tiny, synthetic, tmp_path):
 
 # ------------------------------------------------------------ 6. eval and CLI
 
-@pytest.mark.parametrize("dataset,given,want", [
-    ("world:animals", None, True), ("world:animals@sketch", None, True),
-    ("world:source", None, False), ("world:source@rendition", None, False),
-    ("world:animals", False, False), ("world:source@v2", True, True)])
-def test_augmix_follows_tpts_protocol_unless_set(dataset, given, want, bb):
-    """TPT augments its fine-grained sets, not ImageNet or its variants; an explicit value wins."""
+@pytest.mark.parametrize("name,dataset,given,want", [
+    ("tpt", "world:animals", None, True), ("tpt", "world:animals@sketch", None, True),
+    ("tpt", "world:source", None, False), ("tpt", "world:source@rendition", None, False),
+    ("tpt", "world:animals", False, False), ("tpt", "world:source@v2", True, True),
+    ("promptalign", "world:animals", None, False), ("promptsync", "world:animals", None, False),
+    ("promptsync", "world:animals", True, True)])
+def test_augmix_follows_each_reference_code_unless_set(name, dataset, given, want, bb, files):
+    """TPT's code augments its fine-grained sets, not ImageNet or its variants; PromptAlign's
+    never; an explicit value wins."""
     from anyclass.eval.tta import world_defaults
-    m = create_method("tpt", **({} if given is None else dict(augmix=given)))
+    extra = {} if name == "tpt" else dict(init=str(files["maple"]), stats=str(files["stats"]))
+    m = create_method(name, **extra, **({} if given is None else dict(augmix=given)))
     assert m.augmix is given
     world_defaults(m, dataset, bb, ["cat", "dog"], 1, progress=False)
     assert m.augmix is want

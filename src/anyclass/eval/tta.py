@@ -6,8 +6,9 @@ given none starts from MaPLe trained on `world:source` (16 shots, built on first
 cached), and one that aligns statistics and is given none gets them computed once and cached:
 from `world:source` when it has every class of the task, else from images of the task's class
 names retrieved from the world's pool (a SuS-style proxy source). AugMix on the views follows
-TPT's protocol unless the user sets it: off on `world:source` and its shifted domains (its
-ImageNet and ImageNet variants), on for every other task (its fine-grained sets).
+each method's reference code unless the user sets it: TPT's adds it on every task but
+`world:source` and its shifted domains (its fine-grained sets, not ImageNet and its variants);
+PromptAlign's (and so PromptSync's) never does.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def world_defaults(method, dataset: str, backbone, classnames: list[str], seed: 
     if not dataset.startswith("world:"):
         return
     if method.augmix is None:             # TPT's rule: AugMix on fine-grained sets, not ImageNet's
-        method.augmix = dataset.split("@")[0] != WORLD_SOURCE
+        method.augmix = method.augments_fine_grained and dataset.split("@")[0] != WORLD_SOURCE
     if method.tunes_vision and method.init is None:
         method.init = str(world_source_prompts(backbone, seed, progress=progress))
     if "stats" in method.get_params() and method.stats is None:

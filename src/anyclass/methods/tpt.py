@@ -20,3 +20,4 @@ from .tta import TestTimeMethod
 @METHODS.register("tpt")
 class TPT(TestTimeMethod):
     tunes_vision = False
+    augments_fine_grained = True

@@ -239,9 +239,8 @@ class Step:
 # ------------------------------------------------------------------------ the method contract
 
 #: hyperparameters every test-time method takes (TPT's values; a method overrides `defaults`).
-#: augmix None: the protocol decides — TPT augments fine-grained sets, not ImageNet's variants;
-#: on the world, every task but world:source and its shifted domains (eval/tta.world_defaults);
-#: elsewhere off unless asked
+#: augmix None: the method's protocol decides (`augments_fine_grained`; on the world,
+#: eval/tta.world_defaults), elsewhere off unless asked
 TTA_COMMON = dict(steps=1, lr=5e-3, weight_decay=0.01, n_views=64, ratio=0.1,
                   crop_scale=(0.08, 1.0), augmix=None, seed=1, batch_size=None, amp=None)
 
@@ -256,6 +255,9 @@ class TestTimeMethod(FeatureMethod):
     tunes_at_test = True
     transfers = True
     tunes_vision = False
+    #: AugMix on the views of fine-grained sets (TPT's code) when augmix is left to the
+    #: protocol; PromptAlign's code never augments (crops and flips only)
+    augments_fine_grained = False
     #: the paper's values of TTA_COMMON keys, where they differ from TPT's
     defaults: dict = {}
 
