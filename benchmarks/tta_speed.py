@@ -7,6 +7,7 @@ pays). Target: reference / batched ≥ 20x for TPT and PromptSync.
 
     python benchmarks/tta_speed.py [--backbone builtin] [--dataset world:source@sketch]
                                    [--images 64] [--ref-images 8] [--amp] [--out FILE]
+    python benchmarks/tta_speed.py --breakdown --images 3     # where one batch's time goes
 
 Timing does not depend on what the prompts learned, so θ_0 is a MaPLe prompt file at its
 seeded initialisation (depth 3, as PromptAlign's) and the statistics are computed on the
@@ -104,6 +105,42 @@ def measure(bb, x: torch.Tensor, names: list[str], source, workdir: Path, n_ref:
     return out
 
 
+def breakdown(bb, x: torch.Tensor, names: list[str], name: str = "tpt") -> dict:
+    """Where one batch's time goes: seconds inside the engine's text_features, shared_vjp and
+    image_features (wrapped), and the rest (backward, optimiser, views), for the batched
+    engine and the reference loop on the same images (TPT from the hand-written prompt)."""
+    import functools
+    from unittest import mock
+
+    import anyclass.methods.tta as engine
+    from anyclass.methods import create_method
+    acc: dict[str, float] = {}
+
+    def timed(key, f):
+        @functools.wraps(f)
+        def g(*a, **k):
+            t0 = time.perf_counter()
+            r = f(*a, **k)
+            _sync(bb.device)
+            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+            return r
+        return g
+    m = create_method(name).prepare(bb, names)
+    m.predict(bb, x[:1])                                                # warm-up
+    out = {"images": len(x), "classes": len(names), "method": name}
+    with mock.patch.multiple(engine, **{k: timed(k, getattr(engine, k)) for k in
+                                        ("text_features", "shared_vjp", "image_features")}):
+        for arm, run in (("batched", m.predict), ("reference", m.tune_reference)):
+            acc.clear()
+            t0 = time.perf_counter()
+            run(bb, x)
+            _sync(bb.device)
+            total = time.perf_counter() - t0
+            out[arm] = {"total_s": round(total, 2), **{k: round(v, 2) for k, v in acc.items()},
+                        "rest_s": round(total - sum(acc.values()), 2)}
+    return out
+
+
 def text_trim(spec: str = "openclip:ViT-B-16@random", n: int = 200, reps: int = 2) -> dict:
     """open_clip text: the batch cut at its last end-of-text token (backbone default) vs
     CLIP's whole 77-token context (`trim_text=False`, what the reference code runs)."""
@@ -143,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--text-trim", action="store_true",
                     help="only time open_clip ViT-B-16's text tower, trimmed vs 77 tokens")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only split one batch of --images (TPT) into text forwards, "
+                         "pulled-back gradients, images and the rest, batched vs reference")
     a = ap.parse_args(argv)
     if a.text_trim:
         print(json.dumps({**text_trim(), "machine": machine()}, indent=1))
@@ -154,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     test = load_dataset(a.dataset, "test")
     step = max(1, len(test) // a.images)
     x, _ = load_images(bb, test.subset(range(0, step * a.images, step)))
+    if a.breakdown:
+        print(json.dumps({**breakdown(bb, x, list(test.classnames)), "machine": machine(),
+                          "command": "python " + " ".join(sys.argv)}, indent=1))
+        return 0
     source = load_dataset(a.dataset.split("@")[0], "train")
     with tempfile.TemporaryDirectory() as d:
         res = measure(bb, x, list(test.classnames), source, Path(d), a.ref_images,

@@ -201,10 +201,16 @@ def report(out: Path) -> None:
     domain (an unfinished seed never mixes into a mean)."""
     from collections import defaultdict
     rows: dict = defaultdict(dict)
+    paired: dict = defaultdict(lambda: [0, 0.0, 0])      # (table, row) → images, Δ·n, changed
     for p in sorted(out.glob("*/*/*.json")):
         r = json.loads(p.read_text())
         rows[r["table"]][(r["row"], r["dataset"], r["seed"])] = (
             100 * r["metrics"]["acc1"], r["tta"]["seconds_per_image"])
+        if r["table"] != "b2n":
+            c = paired[(r["table"], r["row"])]
+            c[0] += r["num_images"]
+            c[1] += 100 * (r["metrics"]["acc1"] - r["tta"]["untuned_metrics"]["acc1"]) * r["num_images"]
+            c[2] += r["tta"]["changed_predictions"]
     for table, cells in rows.items():
         datasets = sorted({d for _, d, _ in cells})
         names = list(dict.fromkeys(r for r, _, _ in cells))
@@ -224,6 +230,12 @@ def report(out: Path) -> None:
                       + (f" | {sum(got) / len(got):.2f}" if len(got) == len(accs) else " | –")
                       + f" | {sum(secs) / max(1, len(secs)):.3f} |")
             print()
+    print("## tuned vs its own starting prompts (paired, every measured image pooled)\n\n"
+          "| table | row | images | Δ acc1 | changed | SE ≤ √changed / n |\n|---|---|---|---|---|---|")
+    for (table, row), (n, d, ch) in paired.items():
+        if ch:
+            print(f"| {table} | {row} | {n} | {d / n:+.2f} | {ch} | {100 * ch ** 0.5 / n:.2f} |")
+    print()
     b2n_report(out)
 
 

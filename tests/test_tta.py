@@ -131,7 +131,7 @@ def test_batched_equals_the_one_image_reference_loop(name, init, bb, animals, fi
 def test_shared_first_step_gives_each_image_its_own_gradient(batched, bb, animals, files, monkeypatch):
     """One forward at θ_0 pulled back with B cotangents = B separate forward+backward passes,
     by vmap or (an encoder op without a batching rule) one backward per image."""
-    from anyclass.methods.tta import batched_params, shared_vjp, text_features
+    from anyclass.methods.tta import batched_params, shared_vjp, text_features, text_params
     init = prompt_init(bb, files["maple"])
     names = animals["names"]
     if not batched:
@@ -142,17 +142,15 @@ def test_shared_first_step_gives_each_image_its_own_gradient(batched, bb, animal
                 raise RuntimeError("vmap: no batching rule")
             return grad(*a, **kw)
         monkeypatch.setattr(torch.autograd, "grad", no_vmap)
-    one = {k: v for k, v in batched_params(init, 1, "cpu", True, False).items()
-           if k == "ctx" or k.startswith("deep")}
+    one = text_params(batched_params(init, 1, "cpu", True, False))
     t0 = text_features(bb, init, one, names)
     cot = torch.randn(3, *t0.shape[1:], generator=torch.Generator().manual_seed(0))
     got = shared_vjp(t0, one, cot)
     for b in range(3):
-        mine = batched_params(init, 1, "cpu", True, False)
-        keys = ["ctx", *[k for k in mine if k.startswith("deep")]]
+        mine = text_params(batched_params(init, 1, "cpu", True, False))
         want = torch.autograd.grad((text_features(bb, init, mine, names) * cot[b]).sum(),
-                                   [mine[k] for k in keys])
-        for k, w in zip(keys, want):
+                                   list(mine.values()))
+        for k, w in zip(mine, want):
             assert torch.allclose(got[k][b], w[0], atol=1e-6), (k, b)
     assert set(got) == {"ctx", "deep0", "deep1"}
 

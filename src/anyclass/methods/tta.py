@@ -104,6 +104,11 @@ def batched_params(init: PromptInit, b: int, device, text: bool, vision: bool
     return p
 
 
+def text_params(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parts of θ the text tower reads: the context and MaPLe's deeper text prompts."""
+    return {k: v for k, v in p.items() if k == "ctx" or k.startswith("deep")}
+
+
 def text_features(backbone, init: PromptInit, p: dict[str, torch.Tensor],
                   classnames: Sequence[str]) -> torch.Tensor:
     """t_k(θ_b) for every image b and class k: [B, K, D], B·K texts in chunks."""
@@ -136,8 +141,7 @@ def shared_vjp(t0: torch.Tensor, leaves: dict[str, torch.Tensor], cot: torch.Ten
     [1, K, D] and B cotangents `cot` [B, K, D]: the B images' first step costs one text
     forward instead of B (the Jacobian is the same for all of them). Exact, whichever way the
     backward runs: batched (vmap) where the encoder's ops allow it, else one pass per image."""
-    names = [k for k, v in leaves.items() if v.requires_grad]
-    xs = [leaves[k] for k in names]
+    names, xs = list(leaves), list(leaves.values())
     cot = cot.to(t0.dtype)[:, None]                                       # [B, 1, K, D]
     try:
         gs = torch.autograd.grad(t0, xs, grad_outputs=cot, retain_graph=True, is_grads_batched=True)
@@ -345,23 +349,21 @@ class TestTimeMethod(FeatureMethod):
             f_all = image_features(backbone, flat, vp0).view(b, v, -1)
         sel = None
         untuned = None
-        shared = None
         for step in range(max(self.steps, 1)):
             with _autocast(dev, self.amp):
                 if step == 0:                   # θ_0 is every image's: its K texts once
                     shared = {k: v[:1].detach().requires_grad_(bool(self.steps))
-                              for k, v in p.items() if k == "ctx" or k.startswith("deep")}
+                              for k, v in text_params(p).items()}
                     t0 = text_features(backbone, init, shared, names)      # [1, K, D]
                     t = t0.detach().expand(b, -1, -1)
                     if self.steps:              # each image's ∂L/∂t, pulled back through t0 below
                         t = t.clone().requires_grad_()
-                else:
-                    t = text_features(backbone, init, p, names)             # [B, K, D]
-                if step == 0:
                     with torch.no_grad():
                         logits_all = s * torch.einsum("bvd,bkd->bvk", f_all, t) + bias
                         sel = confident(logits_all, self.ratio) if self.steps else None
                         untuned = logits_all[:, 0].float().clone()
+                else:
+                    t = text_features(backbone, init, p, names)             # [B, K, D]
                 if self.steps == 0:
                     break
                 if self.tunes_vision:                                       # re-encode S ∪ {x_0}
